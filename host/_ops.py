@@ -291,7 +291,7 @@ class Host:
     def _find_slot(self, token_label: str) -> Any:
         seen = []
         for slot in self.lib.getSlotList(tokenPresent=True):
-            label = self.lib.getTokenInfo(slot).label.strip()
+            label = self.lib.getTokenInfo(slot).label.rstrip(" \x00")
             if label == token_label:
                 return slot
             seen.append(label)
@@ -358,7 +358,7 @@ class Host:
         info = self.lib.getTokenInfo(self.slot)
         self.session.generateRandom(16)
         return {
-            "token_label": info.label.strip(),
+            "token_label": info.label.rstrip(" \x00"),
             "serial": info.serialNumber.strip(),
             "latency_s": time.monotonic() - start,
             "login_attempts": self.login_attempts,

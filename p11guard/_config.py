@@ -1,0 +1,204 @@
+"""Configuration: a TOML file, validated at load; every error names its field."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from p11guard._errors import ConfigError
+from p11guard._secret import Secret
+
+__all__ = ["Config"]
+
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "module": {"path": str, "env": dict},
+    "group": {"token_label": str, "pin_file": str, "pin_env": str},
+    "workers": {"count": int, "batch_size": int},
+    "timeouts": {"call_s": (int, float), "probe_s": (int, float), "probe_interval_s": (int, float),
+                 "start_s": (int, float)},
+    "recovery": {"backoff_initial_s": (int, float), "backoff_max_s": (int, float)},
+    "admission": {"policy": str, "queue_max": int, "op_deadline_s": (int, float)},
+    "testing": {"fault_injection": bool},
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything p11guard needs to know; safe defaults for all but module and group.
+
+    Build with :meth:`from_file` or :meth:`from_dict` (both validate), or directly and then
+    call :meth:`validate`.
+    """
+
+    module_path: str
+    token_label: str
+    pin_file: str | None = None
+    pin_env: str | None = None
+    module_env: dict[str, str] = field(default_factory=dict)
+    workers: int = field(default_factory=lambda: os.cpu_count() or 2)
+    batch_size: int = 64
+    call_s: float = 20.0
+    probe_s: float = 5.0
+    probe_interval_s: float = 5.0
+    start_s: float = 30.0
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 2.0
+    policy: str = "queue"
+    queue_max: int = 10000
+    op_deadline_s: float = 300.0
+    fault_injection: bool = False
+    source: str | None = None
+
+    def __repr__(self) -> str:
+        # No secret is held here (only where to find the PIN), but keep it short.
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                          if f.name not in ("module_env", "source"))
+        return f"Config({shown})"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Config:
+        """Read and validate a TOML config file.
+
+        Raises:
+            ConfigError: unreadable file, bad TOML, unknown or invalid field.
+        """
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror or exc}") from exc
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+        return cls.from_dict(data, base_dir=p.resolve().parent, source=str(p))
+
+    @classmethod
+    def from_dict(
+        cls, data: dict[str, Any], base_dir: Path | None = None, source: str | None = None
+    ) -> Config:
+        """Validate a parsed config (the TOML structure) and build a :class:`Config`."""
+        for section, values in data.items():
+            if section not in _SCHEMA:
+                raise ConfigError(f"unknown section (known: {', '.join(_SCHEMA)})", section)
+            if not isinstance(values, dict):
+                raise ConfigError("must be a table", section)
+            for key, value in values.items():
+                name = f"{section}.{key}"
+                want = _SCHEMA[section].get(key)
+                if want is None:
+                    raise ConfigError(f"unknown field (known: {', '.join(_SCHEMA[section])})", name)
+                if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
+                    raise ConfigError(f"must be {_type_name(want)}, not {type(value).__name__}", name)
+
+        def get(section: str, key: str) -> Any:
+            return data.get(section, {}).get(key)
+
+        if get("module", "path") is None:
+            raise ConfigError("is required (the PKCS#11 module to load)", "module.path")
+        if get("group", "token_label") is None:
+            raise ConfigError("is required (the label of the token or HA slot)", "group.token_label")
+        pin_file = get("group", "pin_file")
+        if pin_file is not None and base_dir is not None and not os.path.isabs(pin_file):
+            pin_file = str(base_dir / pin_file)
+        kwargs: dict[str, Any] = {
+            "module_path": get("module", "path"),
+            "token_label": get("group", "token_label"),
+            "pin_file": pin_file,
+            "pin_env": get("group", "pin_env"),
+            "module_env": dict(get("module", "env") or {}),
+            "source": source,
+        }
+        names = {
+            ("workers", "count"): "workers", ("workers", "batch_size"): "batch_size",
+            ("timeouts", "call_s"): "call_s", ("timeouts", "probe_s"): "probe_s",
+            ("timeouts", "probe_interval_s"): "probe_interval_s", ("timeouts", "start_s"): "start_s",
+            ("recovery", "backoff_initial_s"): "backoff_initial_s",
+            ("recovery", "backoff_max_s"): "backoff_max_s",
+            ("admission", "policy"): "policy", ("admission", "queue_max"): "queue_max",
+            ("admission", "op_deadline_s"): "op_deadline_s",
+            ("testing", "fault_injection"): "fault_injection",
+        }
+        for (section, key), attr in names.items():
+            value = get(section, key)
+            if value is not None:
+                kwargs[attr] = float(value) if attr.endswith("_s") else value
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def replace(self, **changes: Any) -> Config:
+        """A validated copy with some fields changed."""
+        config = replace(self, **changes)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+        if not self.module_path:
+            raise ConfigError("must not be empty", "module.path")
+        if not os.path.exists(self.module_path):
+            raise ConfigError(f"no such file {self.module_path!r} (the PKCS#11 module)", "module.path")
+        if not os.path.isfile(self.module_path):
+            raise ConfigError(f"{self.module_path!r} is not a file", "module.path")
+        for key, value in self.module_env.items():
+            if not isinstance(value, str):
+                raise ConfigError("values must be strings", f"module.env.{key}")
+        if not self.token_label:
+            raise ConfigError("must not be empty", "group.token_label")
+        if (self.pin_file is None) == (self.pin_env is None):
+            raise ConfigError("give exactly one of pin_file and pin_env", "group.pin_file")
+        _positive(self.workers, "workers.count", 1, 1024)
+        _positive(self.batch_size, "workers.batch_size", 1, 100_000)
+        for attr, name in (("call_s", "timeouts.call_s"), ("probe_s", "timeouts.probe_s"),
+                           ("probe_interval_s", "timeouts.probe_interval_s"),
+                           ("start_s", "timeouts.start_s"),
+                           ("backoff_initial_s", "recovery.backoff_initial_s"),
+                           ("backoff_max_s", "recovery.backoff_max_s"),
+                           ("op_deadline_s", "admission.op_deadline_s")):
+            if not getattr(self, attr) > 0:
+                raise ConfigError("must be a number of seconds > 0", name)
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ConfigError("must be >= recovery.backoff_initial_s", "recovery.backoff_max_s")
+        if self.policy not in ("queue", "fail_fast"):
+            raise ConfigError(f"must be 'queue' or 'fail_fast', not {self.policy!r}", "admission.policy")
+        _positive(self.queue_max, "admission.queue_max", 1, 10_000_000)
+
+    def load_pin(self) -> Secret:
+        """Read the PIN now (from ``pin_file`` or ``pin_env``).
+
+        Raises:
+            ConfigError: unreadable file, unset variable, or empty PIN (names the field).
+        """
+        if self.pin_file is not None:
+            try:
+                value = Path(self.pin_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read PIN file {self.pin_file!r}: {exc.strerror or exc}",
+                                  "group.pin_file") from None
+            where = "group.pin_file"
+        else:
+            assert self.pin_env is not None
+            env_value = os.environ.get(self.pin_env)
+            if env_value is None:
+                raise ConfigError(f"environment variable {self.pin_env} is not set", "group.pin_env")
+            value, where = env_value.strip(), "group.pin_env"
+        if not value:
+            raise ConfigError("the PIN is empty", where)
+        return Secret(value)
+
+
+def _positive(value: int, name: str, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"must be between {low} and {high}, not {value}", name)
+
+
+def _type_name(want: type | tuple[type, ...]) -> str:
+    names = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+             "dict": "a table"}
+    if isinstance(want, tuple):
+        return "a number"
+    return names.get(want.__name__, want.__name__)

@@ -1,0 +1,104 @@
+"""The ``p11guard`` command line.
+
+Exit codes: 0 success; 1 the work ran but some of it failed; 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from p11guard._errors import P11GuardError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(P11GuardError):
+    """Bad command-line input (exit code 2)."""
+
+
+def _testbed(opts: argparse.Namespace) -> int:
+    from p11guard.testbed import Testbed
+
+    bed = Testbed(opts.dir)
+    if opts.action == "up":
+        started = bed.up()
+        if not started:
+            print(f"a testbed is already running in {bed.dir}", file=sys.stderr)
+        print(bed.config_path)
+    elif opts.action == "down":
+        if not bed.state_path.exists():
+            raise UsageError(f"no testbed in {bed.dir} (nothing to stop); "
+                             f"start one with: p11guard testbed up --dir {opts.dir}")
+        bed.down()
+        print(f"testbed in {bed.dir} stopped")
+    elif opts.action == "status":
+        print(json.dumps(bed.status(), indent=2))
+    elif opts.action == "fault":
+        ms: float | None = None
+        if opts.fault == "latency":
+            if opts.ms is None:
+                raise UsageError("latency needs milliseconds, e.g. `p11guard testbed fault --dir D latency 2`")
+            try:
+                ms = float(opts.ms)
+            except ValueError:
+                raise UsageError(f"latency needs a number of milliseconds, not {opts.ms!r}") from None
+        elif opts.ms is not None:
+            raise UsageError(f"fault {opts.fault!r} takes no argument")
+        status = bed.fault(opts.fault, ms)
+        print(json.dumps(status.get("fault", status)))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from p11guard.testbed import FAULTS
+
+    parser = argparse.ArgumentParser(
+        prog="p11guard",
+        description="Keep PKCS#11 crypto work alive through the loss of a whole HSM group.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tb = sub.add_parser("testbed", help="run a simulated network HSM group (SoftHSM2 + p11-kit)")
+    tb_sub = tb.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("up", "start it in the background; print the config path"),
+                         ("down", "stop every process it started"),
+                         ("status", "which processes run, which fault is active")):
+        p = tb_sub.add_parser(action, help=text)
+        p.add_argument("--dir", required=True, help="the testbed's directory")
+    p = tb_sub.add_parser("fault", help="inject a fault: " + ", ".join(FAULTS))
+    p.add_argument("--dir", required=True)
+    p.add_argument("fault", metavar="FAULT", help=" | ".join(FAULTS))
+    p.add_argument("ms", nargs="?", help="milliseconds, for latency")
+    tb.set_defaults(func=_testbed)
+
+    from p11guard._commands import add_commands
+
+    add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        opts = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    func: Callable[[argparse.Namespace], int] = opts.func
+    try:
+        return func(opts)
+    except KeyboardInterrupt:
+        print("p11guard: interrupted", file=sys.stderr)
+        return 130
+    except P11GuardError as exc:
+        print(f"p11guard: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""A simulated network HSM group on one machine: SoftHSM2 + p11-kit server + fault proxy.
+
+Everything lives in one directory: the SoftHSM2 config and token store, the PIN files
+(mode 0600), the server and proxy logs, ``state.json`` (pids of what runs), and two
+ready client configs: ``p11guard.toml`` (through the proxy: the network HSM) and
+``direct.toml`` (SoftHSM2 loaded in-process: CPU-bound).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from p11guard._errors import P11GuardError
+from p11guard._secret import Secret
+
+__all__ = ["FAULTS", "Testbed", "TestbedError", "find_tools"]
+
+#: Fault names the testbed understands (``latency`` takes milliseconds).
+FAULTS = ("lose", "restore", "hang", "latency", "kill-server", "start-server")
+_INSTALL_HINT = "install them with: apt-get update && apt-get install -y softhsm2 p11-kit p11-kit-modules"
+
+
+class TestbedError(P11GuardError):
+    """The testbed cannot do what was asked; the message says what to do."""
+
+    __test__ = False  # not a pytest test class
+
+
+def find_tools() -> dict[str, str]:
+    """Locate SoftHSM2, ``p11-kit`` and ``p11-kit-client.so``.
+
+    Raises:
+        TestbedError: something is missing (names the Debian packages to install).
+    """
+    softhsm = next(iter(glob.glob("/usr/lib/softhsm/libsofthsm2.so")
+                        + glob.glob("/usr/lib/*/softhsm/libsofthsm2.so")), None)
+    p11kit = shutil.which("p11-kit")
+    client = next(iter(glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so")
+                       + glob.glob("/usr/lib/pkcs11/p11-kit-client.so")), None)
+    missing = [name for name, path in (("softhsm2", softhsm), ("p11-kit", p11kit),
+                                        ("p11-kit-modules", client)) if not path]
+    if missing:
+        raise TestbedError(f"missing Debian packages: {', '.join(missing)}; {_INSTALL_HINT}")
+    assert softhsm and p11kit and client
+    return {"softhsm": softhsm, "p11kit": p11kit, "client": client}
+
+
+_INIT_TOKEN = r"""
+import json, sys, PyKCS11
+d = json.loads(sys.stdin.read())
+lib = PyKCS11.PyKCS11Lib(); lib.load(d["module"])
+free = [s for s in lib.getSlotList() if not lib.getTokenInfo(s).flags & PyKCS11.CKF_TOKEN_INITIALIZED]
+lib.initToken(free[0], d["so"], d["label"].ljust(32))
+slot = [s for s in lib.getSlotList() if lib.getTokenInfo(s).label.rstrip(" \x00") == d["label"]][0]
+s = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
+s.login(d["so"], PyKCS11.CKU_SO); s.initPin(d["user"]); s.logout(); s.closeSession()
+"""
+
+
+def _alive(pid: int | None, created: float | None) -> bool:
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and (
+            created is None or abs(proc.create_time() - created) < 0.01
+        )
+    except psutil.Error:
+        return False
+
+
+def _stop_tree(pid: int | None, created: float | None, timeout: float = 5.0) -> None:
+    """Stop a process and all its descendants, by pid (never by name)."""
+    if not _alive(pid, created):
+        return
+    assert pid is not None
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.Error:
+        return
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, left = psutil.wait_procs(procs, timeout=timeout / 2)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(left, timeout=timeout / 2)
+
+
+def _wait_for(cond: Any, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    delay = 0.005
+    while not cond():
+        if time.monotonic() > end:
+            raise TestbedError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(delay)  # polling a condition with a deadline, not a fixed wait
+        delay = min(delay * 2, 0.1)
+
+
+class Testbed:
+    """One simulated HSM group in ``directory``.
+
+    Args:
+        directory: where everything lives; created if missing.
+        token_label: the SoftHSM2 token's label.
+    """
+
+    __test__ = False
+
+    def __init__(self, directory: str | os.PathLike[str], token_label: str = "p11guard-test") -> None:
+        self.dir = Path(directory).resolve()
+        self.token_label = token_label
+
+    # -- paths --------------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def config_path(self) -> Path:
+        """Client config through the fault proxy (the network HSM)."""
+        return self.dir / "p11guard.toml"
+
+    @property
+    def direct_config_path(self) -> Path:
+        """Client config loading SoftHSM2 in-process (no network)."""
+        return self.dir / "direct.toml"
+
+    @property
+    def softhsm_conf(self) -> Path:
+        return self.dir / "softhsm2.conf"
+
+    @property
+    def pin_path(self) -> Path:
+        return self.dir / "user.pin"
+
+    @property
+    def pin(self) -> Secret:
+        return Secret(self.pin_path.read_text().strip())
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _save(self, state: dict[str, Any]) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.state_path)
+
+    @property
+    def proxy_socket(self) -> str:
+        return str(self._state().get("proxy_socket", ""))
+
+    @property
+    def server_address(self) -> str:
+        """``P11_KIT_SERVER_ADDRESS`` for a client going through the proxy."""
+        return f"unix:path={self.proxy_socket}"
+
+    @property
+    def is_up(self) -> bool:
+        st = self._state()
+        return bool(st) and _alive(st.get("proxy_pid"), st.get("proxy_created"))
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def up(self, timeout: float = 60.0) -> bool:
+        """Start everything in the background; return when a client can sign.
+
+        Returns:
+            ``False`` if the testbed was already running (nothing was started).
+        """
+        if self.is_up:
+            return False
+        tools = find_tools()
+        self.down()  # a half-dead testbed from an earlier run: stop what is left of it
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_token(tools)
+        # Unix socket paths are limited to ~107 bytes: use a short dir when ours is long.
+        sockdir = self.dir / "sock"
+        if len(str(sockdir)) > 80:
+            sockdir = Path(tempfile.mkdtemp(prefix="p11g-", dir="/tmp"))
+        sockdir.mkdir(exist_ok=True)
+        state: dict[str, Any] = {
+            "token_label": self.token_label,
+            "sockdir": str(sockdir),
+            "server_socket": str(sockdir / "server.sock"),
+            "proxy_socket": str(sockdir / "hsm.sock"),
+            "control_socket": str(sockdir / "control.sock"),
+            "tools": tools,
+        }
+        self._save(state)
+        try:
+            self._start_server(state, timeout)
+            log = open(self.dir / "proxy.log", "ab")  # noqa: SIM115 - handed to the child
+            with log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "p11guard.testbed._proxy",
+                     "--listen", state["proxy_socket"], "--upstream", state["server_socket"],
+                     "--control", state["control_socket"]],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                )
+            state["proxy_pid"] = proc.pid
+            state["proxy_created"] = psutil.Process(proc.pid).create_time()
+            self._save(state)
+            _wait_for(lambda: os.path.exists(state["control_socket"]), timeout, "the fault proxy")
+            self._write_configs(tools, state)
+            self._check_client(timeout)
+        except BaseException:
+            self.down()
+            raise
+        return True
+
+    def _ensure_token(self, tools: dict[str, str]) -> None:
+        tokens = self.dir / "tokens"
+        ready = self.dir / "token.ready"
+        if ready.exists():
+            return
+        shutil.rmtree(tokens, ignore_errors=True)  # a half-made token from an interrupted run
+        tokens.mkdir(parents=True, exist_ok=True)
+        self.softhsm_conf.write_text(
+            f"directories.tokendir = {tokens}\nobjectstore.backend = file\n"
+            "log.level = ERROR\nslots.removable = false\n"
+        )
+        user, so = secrets.token_hex(8), secrets.token_hex(8)
+        for path, value in ((self.pin_path, user), (self.dir / "so.pin", so)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(value + "\n")
+        # PINs go through stdin: never on a command line.
+        done = subprocess.run(
+            [sys.executable, "-c", _INIT_TOKEN],
+            input=json.dumps({"module": tools["softhsm"], "label": self.token_label,
+                              "so": so, "user": user}),
+            env={**os.environ, "SOFTHSM2_CONF": str(self.softhsm_conf)},
+            capture_output=True, text=True, timeout=60,
+        )
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise TestbedError(f"cannot initialise the SoftHSM2 token: {tail[0]}")
+        ready.write_text(self.token_label + "\n")
+
+    def _start_server(self, state: dict[str, Any], timeout: float) -> None:
+        tools = state["tools"]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state["server_socket"])
+        log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
+        with log:
+            proc = subprocess.Popen(
+                [tools["p11kit"], "server", "-f", "--provider", tools["softhsm"],
+                 "-n", state["server_socket"], f"pkcs11:token={self.token_label}"],
+                env={**os.environ, "SOFTHSM2_CONF": str(self.softhsm_conf)},
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            )
+        state["server_pid"] = proc.pid
+        state["server_created"] = psutil.Process(proc.pid).create_time()
+        self._save(state)
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise TestbedError(f"p11-kit server exited with {proc.returncode}; "
+                                   f"see {self.dir / 'server.log'}")
+            return os.path.exists(state["server_socket"])
+
+        _wait_for(ready, timeout, "p11-kit server")
+
+    def _write_configs(self, tools: dict[str, str], state: dict[str, Any]) -> None:
+        common = (
+            f'[group]\ntoken_label = "{self.token_label}"\npin_file = "{self.pin_path}"\n\n'
+            "[testing]\nfault_injection = true\n"
+        )
+        self.config_path.write_text(
+            "# Written by `p11guard testbed up`: the simulated network HSM group.\n"
+            f'[module]\npath = "{tools["client"]}"\n'
+            f'env = {{ P11_KIT_SERVER_ADDRESS = "unix:path={state["proxy_socket"]}" }}\n\n' + common
+        )
+        self.direct_config_path.write_text(
+            "# Written by `p11guard testbed up`: SoftHSM2 loaded in-process, no network.\n"
+            f'[module]\npath = "{tools["softhsm"]}"\n'
+            f'env = {{ SOFTHSM2_CONF = "{self.softhsm_conf}" }}\n\n' + common
+        )
+
+    def _check_client(self, timeout: float) -> None:
+        from p11guard.host import HostProcess
+
+        state = self._state()
+        host = HostProcess.spawn(
+            state["tools"]["client"], env={"P11_KIT_SERVER_ADDRESS": self.server_address},
+            start_timeout_s=timeout,
+        )
+        try:
+            host.open(self.token_label, self.pin, timeout)
+            host.call("random", {"n": 16}, timeout)
+        finally:
+            host.close()
+
+    def down(self) -> None:
+        """Stop every process the testbed started, by pid. The token and its keys stay."""
+        st = self._state()
+        if not st:
+            return
+        _stop_tree(st.get("proxy_pid"), st.get("proxy_created"))
+        _stop_tree(st.get("server_pid"), st.get("server_created"))
+        sockdir = st.get("sockdir")
+        if sockdir and Path(sockdir) != self.dir / "sock":
+            shutil.rmtree(sockdir, ignore_errors=True)
+        else:
+            for key in ("server_socket", "proxy_socket", "control_socket"):
+                with contextlib.suppress(OSError, TypeError):
+                    os.unlink(st[key])
+        with contextlib.suppress(FileNotFoundError):
+            self.state_path.unlink()
+
+    def pids(self) -> list[int]:
+        """Pids of every live process of this testbed (server tree and proxy)."""
+        st = self._state()
+        out: list[int] = []
+        for key in ("server", "proxy"):
+            pid, created = st.get(f"{key}_pid"), st.get(f"{key}_created")
+            if _alive(pid, created):
+                assert pid is not None
+                with contextlib.suppress(psutil.Error):
+                    out += [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+        return out
+
+    # -- faults -------------------------------------------------------------------------
+
+    def _require_up(self) -> dict[str, Any]:
+        st = self._state()
+        if not st or not _alive(st.get("proxy_pid"), st.get("proxy_created")):
+            raise TestbedError(f"no testbed is running in {self.dir}; "
+                               f"start one with: p11guard testbed up --dir {self.dir}")
+        return st
+
+    def _control(self, st: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(st["control_socket"])
+            sock.sendall(json.dumps(msg).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        reply: dict[str, Any] = json.loads(data)
+        if not reply.get("ok"):
+            raise TestbedError(str(reply.get("error")))
+        return reply
+
+    def fault(self, name: str, ms: float | None = None) -> dict[str, Any]:
+        """Inject a fault: ``lose``, ``restore``, ``hang``, ``latency`` (ms), ``kill-server``,
+        ``start-server``. Returns the new status."""
+        if name not in FAULTS:
+            raise TestbedError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
+        st = self._require_up()
+        if name == "latency" and (ms is None or ms < 0):
+            raise TestbedError("latency needs a number of milliseconds >= 0, e.g. `latency 2`")
+        if name == "kill-server":
+            _stop_tree(st.get("server_pid"), st.get("server_created"))
+            st["server_pid"] = st["server_created"] = None
+            self._save(st)
+        elif name == "start-server":
+            if not _alive(st.get("server_pid"), st.get("server_created")):
+                self._start_server(st, 30.0)
+        else:
+            self._control(st, {"cmd": name, "ms": ms})
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        """Which processes run and which fault is active."""
+        st = self._state()
+        if not st:
+            return {"up": False, "dir": str(self.dir)}
+        proxy_up = _alive(st.get("proxy_pid"), st.get("proxy_created"))
+        server_up = _alive(st.get("server_pid"), st.get("server_created"))
+        out: dict[str, Any] = {
+            "up": proxy_up,
+            "dir": str(self.dir),
+            "config": str(self.config_path),
+            "server": {"pid": st.get("server_pid") if server_up else None, "running": server_up},
+            "proxy": {"pid": st.get("proxy_pid") if proxy_up else None, "running": proxy_up},
+        }
+        if proxy_up:
+            with contextlib.suppress(OSError, ValueError, TestbedError):
+                out["fault"] = {k: v for k, v in self._control(st, {"cmd": "status"}).items() if k != "ok"}
+        return out
