@@ -1,1 +1,38 @@
-"""placeholder"""
+"""The actors: CryptoWorker (one host, one session each) and HealthActor (probes)."""
+
+from p11guard.actors._health import HealthActor, Tick
+from p11guard.actors._messages import (
+    HostRegistry,
+    Inject,
+    Job,
+    JobDone,
+    ProbeResult,
+    Renew,
+    Report,
+    RunJob,
+    Shutdown,
+    StartProbe,
+    WorkerFailed,
+    WorkerReady,
+    WorkerStopped,
+)
+from p11guard.actors._worker import CryptoWorker
+
+__all__ = [
+    "CryptoWorker",
+    "HealthActor",
+    "HostRegistry",
+    "Inject",
+    "Job",
+    "JobDone",
+    "ProbeResult",
+    "Renew",
+    "Report",
+    "RunJob",
+    "Shutdown",
+    "StartProbe",
+    "Tick",
+    "WorkerFailed",
+    "WorkerReady",
+    "WorkerStopped",
+]

@@ -82,7 +82,10 @@ def _hello(request: dict[str, Any], max_frame: int) -> tuple[dict[str, Any], Hos
         host.load(str(args["module"]))
     except Exception as exc:
         err = Host.error_reply(exc)
-        err["kind"], err["name"] = "config", "module_load_failed"
+        # C_Initialize of a network module fails with a loss code while the group is
+        # down: that is a group loss, not a configuration error.
+        if err["kind"] != "group_loss":
+            err["kind"], err["name"] = "config", "module_load_failed"
         err["message"] = f"cannot load PKCS#11 module {args['module']!r}: {exc}"
         return {"id": rid, "err": err}, None, limit
     return {"id": rid, "ok": {"pid": os.getpid(), "generation": host.generation}}, host, limit

@@ -40,6 +40,15 @@ _CURVE_BY_PARAMS = {v: k for k, v in _CURVES.items()}
 _SIG_SIZE = {"ec-p256": 64, "ec-p384": 96, "ed25519": 64, "hmac-sha256": 32}
 
 
+_EXPLAIN = {
+    "group_loss": "the HSM group (or device) is lost",
+    "session": "the session or a handle is no longer valid",
+    "auth": "login refused for the PIN",
+    "user": "the module refused the request",
+    "internal": "the module failed",
+}
+
+
 class BadRequest(Exception):
     """The request is malformed; the host answers with a ``bad_request`` error and goes on."""
 
@@ -229,7 +238,8 @@ class Host:
             code = int(exc.value)
             if code < 0:  # PyKCS11's own: -1 load failure, -2 template, -3 byte list
                 return {"kind": "internal", "ckr": None, "name": "pykcs11", "message": str(exc)}
-            return {"kind": ckr_kind(code), "ckr": code, "name": ckr_name(code), "message": str(exc)}
+            kind = ckr_kind(code)
+            return {"kind": kind, "ckr": code, "name": ckr_name(code), "message": _EXPLAIN[kind]}
         if isinstance(exc, _Refusal):
             return {"kind": exc.kind, "ckr": exc.ckr, "name": exc.name, "message": str(exc)}
         if isinstance(exc, BadRequest):

@@ -1,0 +1,145 @@
+"""HealthActor: loss reports in, probe verdicts out, from a probe host of its own."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+
+from p11guard._config import Config
+from p11guard._errors import HostError, HostTimeout, RemoteError
+from p11guard._secret import Secret
+from p11guard.actors._messages import HostRegistry, ProbeResult, Report, Shutdown, StartProbe
+from p11guard.host import HostProcess
+
+__all__ = ["HealthActor", "Tick"]
+
+log = logging.getLogger("p11guard")
+
+
+class Tick:
+    """Periodic probe request (sent while the group is serving and idle)."""
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+
+
+class HealthActor(pykka.ThreadingActor):
+    """Confirms or refutes loss signals with a probe, like ``LunaHAStatus.isOK()``.
+
+    The probe runs in a dedicated small host, so it is never stuck behind a worker's call
+    and has its own deadline (``probe_s``). A new generation always gets a fresh probe host:
+    a module instance that saw the loss stays broken until it is re-initialised.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        supervisor: pykka.ActorRef[Any],
+        registry: HostRegistry,
+        current_generation: Callable[[], int],
+    ) -> None:
+        super().__init__()
+        self.current_generation = current_generation
+        self.config = config
+        self.supervisor = supervisor
+        self.registry = registry
+        self.host: HostProcess | None = None
+        self.generation = -1
+        self._pin: Secret | None = None
+        self._last_probe = 0.0
+
+    def on_stop(self) -> None:
+        self._drop_host()
+
+    def on_failure(self, *exc_info: Any) -> None:
+        self._drop_host()
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, StartProbe):
+            self._fresh_probe(message)
+        elif isinstance(message, Report):
+            # Reports from a generation the supervisor has left behind are moot.
+            if message.generation == self.generation == self.current_generation():
+                self._probe(cause=f"worker {message.wid}: {message.error}")
+        elif isinstance(message, Tick):
+            if message.generation == self.generation == self.current_generation():
+                self._probe(cause=None, periodic=True)
+        elif isinstance(message, Shutdown):
+            if self.host is not None and self.host.broken is None:
+                self.host.close(message.deadline_s)
+            self._drop_host()
+            self.stop()
+        return None
+
+    def _drop_host(self) -> None:
+        if self.host is not None:
+            self.host.kill()
+            self.registry.remove("probe", self.host)
+            self.host = None
+
+    def _spawn(self, generation: int, pin: Secret) -> dict[str, Any]:
+        self._drop_host()
+        self.generation = generation
+        self.host = HostProcess.spawn(
+            self.config.module_path,
+            env=self.config.module_env,
+            generation=generation,
+            fault_injection=self.config.fault_injection,
+            name="probe",
+            start_timeout_s=self.config.start_s,
+        )
+        self.registry.add("probe", self.host)
+        self.host.open(self.config.token_label, pin, self.config.probe_s)
+        info: dict[str, Any] = self.host.call("probe", {}, self.config.probe_s)
+        return info
+
+    def _fresh_probe(self, message: StartProbe) -> None:
+        start = time.monotonic()
+        self._pin = message.pin
+        try:
+            info = self._spawn(message.generation, message.pin)
+        except (RemoteError, HostError) as exc:
+            self._drop_host()
+            self._tell(ProbeResult(message.generation, False, time.time(),
+                                   time.monotonic() - start, exc, fresh=True, cause=str(exc)))
+            return
+        self._tell(ProbeResult(message.generation, True, time.time(), time.monotonic() - start,
+                               fresh=True, info=info))
+
+    def _probe(self, cause: str | None, periodic: bool = False) -> None:
+        if periodic and time.monotonic() - self._last_probe < self.config.probe_interval_s / 2:
+            return  # a report just made us probe: no need for another
+        start = time.monotonic()
+        self._last_probe = start
+        error: BaseException | None = None
+        info: dict[str, Any] = {}
+        for attempt in range(2):
+            try:
+                if self.host is None or self.host.broken is not None:
+                    # Our own host died (a crash is not evidence about the group): one fresh try.
+                    if self._pin is None:
+                        raise HostError("no probe host", generation=self.generation)
+                    info = self._spawn(self.generation, self._pin)
+                else:
+                    info = self.host.call("probe", {}, self.config.probe_s)
+                error = None
+                break
+            except (RemoteError, HostError) as exc:
+                error = exc
+                # A hang or a module error is evidence about the group; a crash is not.
+                if isinstance(exc, RemoteError | HostTimeout) or attempt:
+                    break
+                self._drop_host()
+        if error is not None:
+            self._drop_host()
+        self._tell(ProbeResult(self.generation, error is None, time.time(), time.monotonic() - start,
+                               error, periodic=periodic, cause=cause, info=info))
+
+    def _tell(self, result: ProbeResult) -> None:
+        if not result.ok:
+            log.debug("probe failed (generation %d): %s", result.generation, result.error)
+        self.supervisor.tell(result)

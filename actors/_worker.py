@@ -1,0 +1,148 @@
+"""CryptoWorker: one pykka actor, one host process, one logged-in session."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pykka
+
+from p11guard._config import Config
+from p11guard._errors import RemoteError
+from p11guard._secret import Secret
+from p11guard.actors._messages import (
+    HostRegistry,
+    Inject,
+    Job,
+    JobDone,
+    Renew,
+    RunJob,
+    Shutdown,
+    WorkerFailed,
+    WorkerReady,
+    WorkerStopped,
+)
+from p11guard.host import HostProcess
+from p11guard.protocol import LOSS_KINDS
+
+__all__ = ["CryptoWorker"]
+
+log = logging.getLogger("p11guard")
+
+
+class CryptoWorker(pykka.ThreadingActor):
+    """Runs jobs on its own host; reports every outcome to the supervisor.
+
+    The worker never decides about the group: it reports failures (also those of
+    ``on_start``) and waits to be renewed or stopped. A worker blocked in a host call cannot
+    handle a stop message, so the supervisor kills the host first: the call then fails at
+    once and the stop is handled next.
+    """
+
+    def __init__(
+        self,
+        wid: int,
+        generation: int,
+        config: Config,
+        pin: Secret,
+        supervisor: pykka.ActorRef[Any],
+        registry: HostRegistry,
+    ) -> None:
+        super().__init__()
+        self.wid = wid
+        self.generation = generation
+        self.config = config
+        self._pin: Secret | None = pin
+        self.supervisor = supervisor
+        self.registry = registry
+        self.host: HostProcess | None = None
+        self.key = f"worker-{wid}"
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._bring_up(new_host=True)
+
+    def _bring_up(self, new_host: bool) -> None:
+        pin, self._pin = self._pin, None  # used once, then forgotten
+        assert pin is not None
+        try:
+            if new_host or self.host is None or not self.host.alive:
+                self._drop_host()
+                self.host = HostProcess.spawn(
+                    self.config.module_path,
+                    env=self.config.module_env,
+                    generation=self.generation,
+                    fault_injection=self.config.fault_injection,
+                    name=self.key,
+                    start_timeout_s=self.config.start_s,
+                )
+                self.registry.add(self.key, self.host)
+            info = self.host.open(self.config.token_label, pin, self.config.call_s)
+        except Exception as exc:
+            self._drop_host()
+            self.supervisor.tell(WorkerFailed(self.wid, self.generation, exc))
+            return
+        self.supervisor.tell(
+            WorkerReady(self.wid, self.generation, self.host.pid or 0, int(info["sessions_opened"]))
+        )
+
+    def _drop_host(self) -> None:
+        if self.host is not None:
+            self.host.kill()
+            self.registry.remove(self.key, self.host)
+            self.host = None
+
+    def on_stop(self) -> None:
+        self._drop_host()
+        self.supervisor.tell(WorkerStopped(self.wid, self.generation))
+
+    def on_failure(self, *exc_info: Any) -> None:
+        self._drop_host()
+        self.supervisor.tell(WorkerStopped(self.wid, self.generation))
+
+    # -- messages -----------------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, RunJob):
+            self._run(message.job)
+        elif isinstance(message, Renew):
+            self._pin = message.pin
+            self._bring_up(new_host=message.new_host)
+        elif isinstance(message, Inject):
+            self._inject(message)
+        elif isinstance(message, Shutdown):
+            if self.host is not None and self.host.broken is None:
+                self.host.close(message.deadline_s)
+            self.stop()
+        return None
+
+    def _run(self, job: Job) -> None:
+        host = self.host
+        try:
+            if host is None:
+                raise RuntimeError("worker has no host")
+            if job.items is not None:
+                results = host.call_batch(job.items, self.config.call_s)
+                # A loss inside a batch fails the whole frame: it is retried as a whole.
+                loss = next((r for r in results
+                             if isinstance(r, RemoteError) and r.kind in LOSS_KINDS), None)
+                if loss is not None:
+                    raise loss
+                outcome = JobDone(self.wid, self.generation, job, result=results)
+            else:
+                outcome = JobDone(self.wid, self.generation, job,
+                                  result=host.call(job.op, job.args, self.config.call_s))
+        except Exception as exc:
+            if host is not None and host.broken is not None:
+                self._drop_host()  # hung, crashed or poisoned: never reused
+            outcome = JobDone(self.wid, self.generation, job, error=exc)
+        self.supervisor.tell(outcome)
+
+    def _inject(self, message: Inject) -> None:
+        try:
+            if self.host is None:
+                raise RuntimeError(f"worker {self.wid} has no host")
+            message.future.set_result(self.host.call("fault", message.args, self.config.call_s))
+        except Exception as exc:
+            message.future.set_exception(exc)
