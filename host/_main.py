@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             frame = encode(reply, max_frame)
         except FrameError as exc:
-            frame = encode({"id": reply.get("id"), "err": Host.error_reply(ValueError(str(exc)))})
+            err = {"kind": "user", "ckr": None, "name": "frame_too_large", "message": f"reply {exc}"}
+            frame = encode({"id": reply.get("id"), "err": err})
         conn.send_bytes(frame)
         if host is not None and request.get("op") == "close" and "ok" in reply:
             conn.close()

@@ -149,7 +149,7 @@ class Host:
         self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "open": self.op_open,
             "probe": self.op_probe,
-            "ping": lambda a: "pong",
+            "ping": self.op_ping,
             "sign": self.op_sign,
             "verify": self.op_verify,
             "encrypt": self.op_encrypt,
@@ -354,6 +354,16 @@ class Host:
             except PyKCS11.PyKCS11Error:
                 pass
 
+    def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Liveness and counters; works without a session."""
+        return {
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "login_attempts": self.login_attempts,
+            "sessions_opened": self.sessions_opened,
+            "session": self.session is not None,
+        }
+
     def op_close(self, args: dict[str, Any]) -> bool:
         if self.session is not None:
             try:
@@ -511,7 +521,14 @@ class Host:
         if len(data) < 12 + 16:
             raise _Refusal("user", "data_len_range", "aes-gcm data must hold a 12-byte IV and a tag")
         key = self._key(label, PyKCS11.CKO_SECRET_KEY)
-        return bytes(self.session.decrypt(key.handle, data[12:], self._gcm(args, data[:12])))
+        try:
+            return bytes(self.session.decrypt(key.handle, data[12:], self._gcm(args, data[:12])))
+        except PyKCS11.PyKCS11Error as exc:
+            # SoftHSM2 answers a failed GCM tag check with CKR_GENERAL_ERROR.
+            if exc.value in (PyKCS11.CKR_GENERAL_ERROR, PyKCS11.CKR_ENCRYPTED_DATA_INVALID):
+                raise _Refusal("user", "decrypt_failed", "aes-gcm authentication failed: wrong "
+                               "key or AAD, or the data was altered", ckr=exc.value) from None
+            raise
 
     def op_digest(self, args: dict[str, Any]) -> bytes:
         data = _arg(args, "data", bytes)

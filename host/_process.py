@@ -314,7 +314,7 @@ class HostProcess:
             if self._conn in ready:
                 try:
                     data = self._conn.recv_bytes(self.max_frame)
-                except EOFError as exc:
+                except (EOFError, ConnectionError) as exc:  # closed or reset: the host died
                     raise self._death(op, exc) from exc
                 except OSError as exc:  # "bad message length": oversized frame
                     raise self._poison(op, f"unreadable frame from host ({exc})") from exc

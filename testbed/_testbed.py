@@ -46,11 +46,16 @@ def find_tools() -> dict[str, str]:
     Raises:
         TestbedError: something is missing (names the Debian packages to install).
     """
-    softhsm = next(iter(glob.glob("/usr/lib/softhsm/libsofthsm2.so")
-                        + glob.glob("/usr/lib/*/softhsm/libsofthsm2.so")), None)
-    p11kit = shutil.which("p11-kit")
-    client = next(iter(glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so")
-                       + glob.glob("/usr/lib/pkcs11/p11-kit-client.so")), None)
+    def first(env: str, candidates: list[str]) -> str | None:
+        if env in os.environ:  # an explicit choice (also how tests simulate a missing tool)
+            return os.environ[env] if os.path.exists(os.environ[env]) else None
+        return next(iter(candidates), None)
+
+    softhsm = first("P11GUARD_SOFTHSM2_MODULE", glob.glob("/usr/lib/softhsm/libsofthsm2.so")
+                    + glob.glob("/usr/lib/*/softhsm/libsofthsm2.so"))
+    p11kit = first("P11GUARD_P11KIT", [p for p in [shutil.which("p11-kit")] if p])
+    client = first("P11GUARD_P11KIT_CLIENT", glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so")
+                   + glob.glob("/usr/lib/pkcs11/p11-kit-client.so"))
     missing = [name for name, path in (("softhsm2", softhsm), ("p11-kit", p11kit),
                                         ("p11-kit-modules", client)) if not path]
     if missing:
