@@ -178,6 +178,7 @@ class Counters:
     recoveries: int = 0
     probes: int = 0
     probes_failed: int = 0
+    login_failures: int = 0
 
 
 def _is_loss(error: BaseException) -> bool:
@@ -631,6 +632,8 @@ class Supervisor(pykka.ThreadingActor):
         self.outage = None
 
     def _fail(self, reason: str, error: BaseException | None = None) -> None:
+        if isinstance(error, AuthError):
+            self.counters.login_failures += 1
         if self.state in (State.FAILED, State.CLOSED):
             return
         self.failed_reason = reason
@@ -711,7 +714,8 @@ class Supervisor(pykka.ThreadingActor):
             "outages": outages,
             "counters": {"ops_ok": c.ops_ok, "ops_failed": c.ops_failed, "ops_retried": c.ops_retried,
                          "outcome_unknown": c.outcome_unknown, "recoveries": c.recoveries,
-                         "probes": c.probes, "probes_failed": c.probes_failed},
+                         "probes": c.probes, "probes_failed": c.probes_failed,
+                         "login_failures": c.login_failures},
             "queued": len(self.queue),
             "in_flight": len(self.inflight),
             "failed_reason": self.failed_reason,
