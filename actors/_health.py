@@ -8,12 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pykka
+from p11guard.actors._messages import HostRegistry, ProbeResult, Report, Shutdown, StartProbe
+from p11guard.host import HostProcess
 
 from p11guard._config import Config
 from p11guard._errors import HostError, HostTimeout, RemoteError
 from p11guard._secret import Secret
-from p11guard.actors._messages import HostRegistry, ProbeResult, Report, Shutdown, StartProbe
-from p11guard.host import HostProcess
 
 __all__ = ["HealthActor", "Tick"]
 
@@ -104,11 +104,23 @@ class HealthActor(pykka.ThreadingActor):
             info = self._spawn(message.generation, message.pin)
         except (RemoteError, HostError) as exc:
             self._drop_host()
-            self._tell(ProbeResult(message.generation, False, time.time(),
-                                   time.monotonic() - start, exc, fresh=True, cause=str(exc)))
+            self._tell(
+                ProbeResult(
+                    message.generation,
+                    False,
+                    time.time(),
+                    time.monotonic() - start,
+                    exc,
+                    fresh=True,
+                    cause=str(exc),
+                )
+            )
             return
-        self._tell(ProbeResult(message.generation, True, time.time(), time.monotonic() - start,
-                               fresh=True, info=info))
+        self._tell(
+            ProbeResult(
+                message.generation, True, time.time(), time.monotonic() - start, fresh=True, info=info
+            )
+        )
 
     def _probe(self, cause: str | None, periodic: bool = False) -> None:
         if periodic and time.monotonic() - self._last_probe < self.config.probe_interval_s / 2:
@@ -136,8 +148,18 @@ class HealthActor(pykka.ThreadingActor):
                 self._drop_host()
         if error is not None:
             self._drop_host()
-        self._tell(ProbeResult(self.generation, error is None, time.time(), time.monotonic() - start,
-                               error, periodic=periodic, cause=cause, info=info))
+        self._tell(
+            ProbeResult(
+                self.generation,
+                error is None,
+                time.time(),
+                time.monotonic() - start,
+                error,
+                periodic=periodic,
+                cause=cause,
+                info=info,
+            )
+        )
 
     def _tell(self, result: ProbeResult) -> None:
         if not result.ok:

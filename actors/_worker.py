@@ -6,10 +6,6 @@ import logging
 from typing import Any
 
 import pykka
-
-from p11guard._config import Config
-from p11guard._errors import RemoteError
-from p11guard._secret import Secret
 from p11guard.actors._messages import (
     HostRegistry,
     Inject,
@@ -24,6 +20,10 @@ from p11guard.actors._messages import (
 )
 from p11guard.host import HostProcess
 from p11guard.protocol import LOSS_KINDS
+
+from p11guard._config import Config
+from p11guard._errors import RemoteError
+from p11guard._secret import Secret
 
 __all__ = ["CryptoWorker"]
 
@@ -125,14 +125,14 @@ class CryptoWorker(pykka.ThreadingActor):
             if job.items is not None:
                 results = host.call_batch(job.items, self.config.call_s)
                 # A loss inside a batch fails the whole frame: it is retried as a whole.
-                loss = next((r for r in results
-                             if isinstance(r, RemoteError) and r.kind in LOSS_KINDS), None)
+                loss = next((r for r in results if isinstance(r, RemoteError) and r.kind in LOSS_KINDS), None)
                 if loss is not None:
                     raise loss
                 outcome = JobDone(self.wid, self.generation, job, result=results)
             else:
-                outcome = JobDone(self.wid, self.generation, job,
-                                  result=host.call(job.op, job.args, self.config.call_s))
+                outcome = JobDone(
+                    self.wid, self.generation, job, result=host.call(job.op, job.args, self.config.call_s)
+                )
         except Exception as exc:
             if host is not None and host.broken is not None:
                 self._drop_host()  # hung, crashed or poisoned: never reused

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import PyKCS11
-from PyKCS11 import LowLevel
-
 from p11guard.protocol import MECHANISMS, OPS, ckr_kind, ckr_name
+from PyKCS11 import LowLevel
 
 __all__ = ["BadRequest", "Host", "KeyInfo"]
 
@@ -188,8 +187,7 @@ class Host:
                 raise _Refusal(
                     "stale_generation",
                     "stale_generation",
-                    f"request of generation {gen} refused by a host of generation "
-                    f"{self.generation}",
+                    f"request of generation {gen} refused by a host of generation {self.generation}",
                 )
             op = request.get("op")
             args = request.get("args", {})
@@ -404,7 +402,7 @@ class Host:
         return info
 
     def _describe(self, handle: Any) -> KeyInfo:
-        ktype, = self.session.getAttributeValue(handle, [PyKCS11.CKA_KEY_TYPE])
+        (ktype,) = self.session.getAttributeValue(handle, [PyKCS11.CKA_KEY_TYPE])
         if ktype == PyKCS11.CKK_EC:
             params = bytes(self.session.getAttributeValue(handle, [PyKCS11.CKA_EC_PARAMS], True)[0])
             name = _CURVE_BY_PARAMS.get(params, "ec")
@@ -452,7 +450,7 @@ class Host:
         raise BadRequest(f"mechanism {name!r} cannot sign")
 
     def _sign_class(self, mechanism: str) -> int:
-        return PyKCS11.CKO_SECRET_KEY if mechanism == "hmac-sha256" else PyKCS11.CKO_PRIVATE_KEY
+        return int(PyKCS11.CKO_SECRET_KEY if mechanism == "hmac-sha256" else PyKCS11.CKO_PRIVATE_KEY)
 
     def op_sign(self, args: dict[str, Any]) -> bytes:
         label = _arg(args, "key", str)
@@ -526,8 +524,12 @@ class Host:
         except PyKCS11.PyKCS11Error as exc:
             # SoftHSM2 answers a failed GCM tag check with CKR_GENERAL_ERROR.
             if exc.value in (PyKCS11.CKR_GENERAL_ERROR, PyKCS11.CKR_ENCRYPTED_DATA_INVALID):
-                raise _Refusal("user", "decrypt_failed", "aes-gcm authentication failed: wrong "
-                               "key or AAD, or the data was altered", ckr=exc.value) from None
+                raise _Refusal(
+                    "user",
+                    "decrypt_failed",
+                    "aes-gcm authentication failed: wrong key or AAD, or the data was altered",
+                    ckr=exc.value,
+                ) from None
             raise
 
     def op_digest(self, args: dict[str, Any]) -> bytes:
@@ -662,9 +664,7 @@ class Host:
     def op_list_keys(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         keys: dict[str, dict[str, Any]] = {}
         for handle in self.session.findObjects([]):
-            cls_i, name = self.session.getAttributeValue(
-                handle, [PyKCS11.CKA_CLASS, PyKCS11.CKA_LABEL]
-            )
+            cls_i, name = self.session.getAttributeValue(handle, [PyKCS11.CKA_CLASS, PyKCS11.CKA_LABEL])
             if cls_i not in _CLASS_NAMES:
                 continue
             key_id = self.session.getAttributeValue(handle, [PyKCS11.CKA_ID], True)[0]

@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import psutil
+from p11guard.protocol import MAX_FRAME, FrameError, decode, encode
 
 from p11guard._errors import (
     ChannelPoisoned,
@@ -33,7 +34,6 @@ from p11guard._errors import (
     remote_error,
 )
 from p11guard._secret import Secret
-from p11guard.protocol import MAX_FRAME, FrameError, decode, encode
 
 __all__ = ["ENV_PASSTHROUGH", "HostProcess"]
 
@@ -114,8 +114,12 @@ class HostProcess:
             ModuleLoadError: the module could not be loaded.
         """
         host = cls(
-            module, env=env, generation=generation, fault_injection=fault_injection,
-            max_frame=max_frame, name=name,
+            module,
+            env=env,
+            generation=generation,
+            fault_injection=fault_injection,
+            max_frame=max_frame,
+            name=name,
         )
         host._start(start_timeout_s)
         return host
@@ -131,8 +135,12 @@ class HostProcess:
             fd = child_sock.fileno()
             cmd = [sys.executable, "-m", "p11guard.host", "--fd", str(fd), "--parent", str(os.getpid())]
             self._popen = subprocess.Popen(
-                cmd, env=self._child_env(), pass_fds=(fd,), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, close_fds=True,
+                cmd,
+                env=self._child_env(),
+                pass_fds=(fd,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                close_fds=True,
             )
         except OSError as exc:
             parent_sock.close()
@@ -145,8 +153,12 @@ class HostProcess:
             self._pidfd = os.pidfd_open(self.pid)
         except OSError:
             self._pidfd = None  # very old kernel: EOF on the pipe still tells a death
-        hello = {"module": self.module, "generation": self.generation,
-                 "fault_injection": self.fault_injection, "max_frame": self.max_frame}
+        hello = {
+            "module": self.module,
+            "generation": self.generation,
+            "fault_injection": self.fault_injection,
+            "max_frame": self.max_frame,
+        }
         try:
             self.call("hello", hello, timeout_s)
         except RemoteError:
@@ -154,8 +166,9 @@ class HostProcess:
             raise
         except HostError as exc:
             self.kill()
-            raise HostStartError(f"host did not start: {exc.message}", pid=self.pid,
-                                 generation=self.generation) from exc
+            raise HostStartError(
+                f"host did not start: {exc.message}", pid=self.pid, generation=self.generation
+            ) from exc
 
     @property
     def alive(self) -> bool:
@@ -245,8 +258,9 @@ class HostProcess:
         reply = self._round_trip(op, args or {}, deadline_s)
         if "err" in reply:
             err = reply["err"]
-            raise remote_error(err if isinstance(err, dict) else {}, op=op, pid=self.pid,
-                               generation=self.generation)
+            raise remote_error(
+                err if isinstance(err, dict) else {}, op=op, pid=self.pid, generation=self.generation
+            )
         return reply.get("ok")
 
     def call_batch(
@@ -269,22 +283,23 @@ class HostProcess:
 
     def _encode(self, rid: int, op: str, args: Mapping[str, Any]) -> bytes:
         try:
-            return encode({"id": rid, "gen": self.generation, "op": op, "args": dict(args)},
-                          self.max_frame)
+            return encode({"id": rid, "gen": self.generation, "op": op, "args": dict(args)}, self.max_frame)
         except FrameError as exc:
             why, name = str(exc), "frame_too_large"
         except (TypeError, ValueError, OverflowError) as exc:
             why, name = f"cannot encode arguments: {exc}", "bad_request"
-        raise RequestError(why, kind="bad_request", name=name, op=op, pid=self.pid,
-                           generation=self.generation)
+        raise RequestError(
+            why, kind="bad_request", name=name, op=op, pid=self.pid, generation=self.generation
+        )
 
     def _round_trip(
         self, op: str, args: Mapping[str, Any] | None, deadline_s: float, raw: bytes | None = None
     ) -> dict[str, Any]:
         with self._call_lock:
             if self._broken is not None:
-                raise HostError(f"host is not usable ({self._broken})", pid=self.pid,
-                                generation=self.generation, op=op)
+                raise HostError(
+                    f"host is not usable ({self._broken})", pid=self.pid, generation=self.generation, op=op
+                )
             rid = next(self._ids)
             frame = raw if raw is not None else self._encode(rid, op, args or {})
             assert self._conn is not None
@@ -306,8 +321,12 @@ class HostProcess:
             remaining = end - time.monotonic()
             if remaining <= 0:
                 self._broken = f"call {op!r} passed its deadline of {deadline_s:g} s"
-                err = HostTimeout(f"{op} did not answer within {deadline_s:g} s: host hung",
-                                  pid=self.pid, generation=self.generation, op=op)
+                err = HostTimeout(
+                    f"{op} did not answer within {deadline_s:g} s: host hung",
+                    pid=self.pid,
+                    generation=self.generation,
+                    op=op,
+                )
                 err.deadline_s = deadline_s
                 raise err
             ready = wait(sentinels, remaining)
@@ -347,7 +366,6 @@ class HostProcess:
         sig = _signal_name(code)
         how = f"killed by {sig}" if sig else f"exited with code {code}"
         planned = " (killed by p11guard)" if self._killed else ""
-        err = HostCrashed(f"host {how} during {op}{planned}", pid=self.pid,
-                          generation=self.generation, op=op)
+        err = HostCrashed(f"host {how} during {op}{planned}", pid=self.pid, generation=self.generation, op=op)
         err.exitcode, err.signal_name = code, sig
         return err

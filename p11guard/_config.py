@@ -17,8 +17,12 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "module": {"path": str, "env": dict},
     "group": {"token_label": str, "pin_file": str, "pin_env": str},
     "workers": {"count": int, "batch_size": int},
-    "timeouts": {"call_s": (int, float), "probe_s": (int, float), "probe_interval_s": (int, float),
-                 "start_s": (int, float)},
+    "timeouts": {
+        "call_s": (int, float),
+        "probe_s": (int, float),
+        "probe_interval_s": (int, float),
+        "start_s": (int, float),
+    },
     "recovery": {"backoff_initial_s": (int, float), "backoff_max_s": (int, float)},
     "admission": {"policy": str, "queue_max": int, "op_deadline_s": (int, float)},
     "testing": {"fault_injection": bool},
@@ -54,8 +58,11 @@ class Config:
 
     def __repr__(self) -> str:
         # No secret is held here (only where to find the PIN), but keep it short.
-        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
-                          if f.name not in ("module_env", "source"))
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in fields(self)
+            if f.name not in ("module_env", "source")
+        )
         return f"Config({shown})"
 
     @classmethod
@@ -113,12 +120,16 @@ class Config:
             "source": source,
         }
         names = {
-            ("workers", "count"): "workers", ("workers", "batch_size"): "batch_size",
-            ("timeouts", "call_s"): "call_s", ("timeouts", "probe_s"): "probe_s",
-            ("timeouts", "probe_interval_s"): "probe_interval_s", ("timeouts", "start_s"): "start_s",
+            ("workers", "count"): "workers",
+            ("workers", "batch_size"): "batch_size",
+            ("timeouts", "call_s"): "call_s",
+            ("timeouts", "probe_s"): "probe_s",
+            ("timeouts", "probe_interval_s"): "probe_interval_s",
+            ("timeouts", "start_s"): "start_s",
             ("recovery", "backoff_initial_s"): "backoff_initial_s",
             ("recovery", "backoff_max_s"): "backoff_max_s",
-            ("admission", "policy"): "policy", ("admission", "queue_max"): "queue_max",
+            ("admission", "policy"): "policy",
+            ("admission", "queue_max"): "queue_max",
             ("admission", "op_deadline_s"): "op_deadline_s",
             ("testing", "fault_injection"): "fault_injection",
         }
@@ -153,12 +164,15 @@ class Config:
             raise ConfigError("give exactly one of pin_file and pin_env", "group.pin_file")
         _positive(self.workers, "workers.count", 1, 1024)
         _positive(self.batch_size, "workers.batch_size", 1, 100_000)
-        for attr, name in (("call_s", "timeouts.call_s"), ("probe_s", "timeouts.probe_s"),
-                           ("probe_interval_s", "timeouts.probe_interval_s"),
-                           ("start_s", "timeouts.start_s"),
-                           ("backoff_initial_s", "recovery.backoff_initial_s"),
-                           ("backoff_max_s", "recovery.backoff_max_s"),
-                           ("op_deadline_s", "admission.op_deadline_s")):
+        for attr, name in (
+            ("call_s", "timeouts.call_s"),
+            ("probe_s", "timeouts.probe_s"),
+            ("probe_interval_s", "timeouts.probe_interval_s"),
+            ("start_s", "timeouts.start_s"),
+            ("backoff_initial_s", "recovery.backoff_initial_s"),
+            ("backoff_max_s", "recovery.backoff_max_s"),
+            ("op_deadline_s", "admission.op_deadline_s"),
+        ):
             if not getattr(self, attr) > 0:
                 raise ConfigError("must be a number of seconds > 0", name)
         if self.backoff_max_s < self.backoff_initial_s:
@@ -177,8 +191,9 @@ class Config:
             try:
                 value = Path(self.pin_file).read_text().strip()
             except OSError as exc:
-                raise ConfigError(f"cannot read PIN file {self.pin_file!r}: {exc.strerror or exc}",
-                                  "group.pin_file") from None
+                raise ConfigError(
+                    f"cannot read PIN file {self.pin_file!r}: {exc.strerror or exc}", "group.pin_file"
+                ) from None
             where = "group.pin_file"
         else:
             assert self.pin_env is not None
@@ -197,8 +212,13 @@ def _positive(value: int, name: str, low: int, high: int) -> None:
 
 
 def _type_name(want: type | tuple[type, ...]) -> str:
-    names = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-             "dict": "a table"}
+    names = {
+        "str": "a string",
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true or false",
+        "dict": "a table",
+    }
     if isinstance(want, tuple):
         return "a number"
     return names.get(want.__name__, want.__name__)

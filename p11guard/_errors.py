@@ -282,9 +282,7 @@ class OpTimeout(P11GuardError):
         self.state = state
         self.last_error = last_error
         tail = f"; last error: {last_error}" if last_error else ""
-        super().__init__(
-            f"{op} did not complete within op_deadline_s={deadline_s:g} s (state {state}){tail}"
-        )
+        super().__init__(f"{op} did not complete within op_deadline_s={deadline_s:g} s (state {state}){tail}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.op, self.deadline_s, self.state, self.last_error))

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from p11guard._config import Config
 from p11guard._errors import GuardClosed, GuardFailed, OutOfService
@@ -111,8 +111,7 @@ class Guard:
         """State, generation, workers, last probe, outages and counters (like LunaHAStatus)."""
         if self._closed.is_set() and not self._supervisor.is_alive():
             return {"state": str(State.CLOSED), "generation": self._shared.generation}
-        result: dict[str, Any] = self._supervisor.ask(StatusRequest(), timeout=10)
-        return result
+        return cast(dict[str, Any], self._supervisor.ask(StatusRequest(), timeout=10))
 
     def on_state_change(self, callback: Callable[[str, str, dict[str, Any]], None]) -> None:
         """Call ``callback(old, new, info)`` on every state change (in the supervisor's thread;
@@ -145,8 +144,16 @@ class Guard:
                 raise GuardClosed("the guard closed while waiting for queue space")
         future.add_done_callback(lambda _: self._admission.release())
         idempotent = all(o in IDEMPOTENT_OPS for o, _ in items) if items else op in IDEMPOTENT_OPS
-        job = Job(next(self._seq), op, args, future, time.monotonic() + self.config.op_deadline_s,
-                  idempotent, label, items)
+        job = Job(
+            next(self._seq),
+            op,
+            args,
+            future,
+            time.monotonic() + self.config.op_deadline_s,
+            idempotent,
+            label,
+            items,
+        )
         self._supervisor.tell(Submit(job))
         return future
 
@@ -293,9 +300,7 @@ class Guard:
     async def asign(self, key: str, data: bytes, mechanism: str = "ecdsa-sha256") -> bytes:
         return await self._await(self.submit_sign(key, data, mechanism))
 
-    async def averify(
-        self, key: str, data: bytes, signature: bytes, mechanism: str = "ecdsa-sha256"
-    ) -> bool:
+    async def averify(self, key: str, data: bytes, signature: bytes, mechanism: str = "ecdsa-sha256") -> bool:
         return await self._await(self.submit_verify(key, data, signature, mechanism))
 
     async def aencrypt(self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b"") -> bytes:
@@ -325,7 +330,9 @@ class Guard:
     async def alist_keys(self) -> list[dict[str, Any]]:
         return await self._await(self.submit_list_keys())
 
-    async def asign_many(self, key: str, items: Iterable[bytes], mechanism: str = "ecdsa-sha256") -> list[bytes]:
+    async def asign_many(
+        self, key: str, items: Iterable[bytes], mechanism: str = "ecdsa-sha256"
+    ) -> list[bytes]:
         futures = [f for _, f in self.submit_sign_many(key, items, mechanism)]
         out: list[bytes] = []
         for chunk in await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)):
@@ -368,7 +375,9 @@ class Guard:
                 pass  # not drained in time: what is left is failed by Finalize
             refs: list[Any] = []
             try:
-                refs = self._supervisor.ask(Finalize(min(2.0, self.config.probe_s)), timeout=10)
+                refs = cast(
+                    list[Any], self._supervisor.ask(Finalize(min(2.0, self.config.probe_s)), timeout=10)
+                )
             except Exception:
                 pass
             end = time.monotonic() + min(3.0, timeout)

@@ -32,8 +32,10 @@ def _testbed(opts: argparse.Namespace) -> int:
         print(bed.config_path)
     elif opts.action == "down":
         if not bed.state_path.exists():
-            raise UsageError(f"no testbed in {bed.dir} (nothing to stop); "
-                             f"start one with: p11guard testbed up --dir {opts.dir}")
+            raise UsageError(
+                f"no testbed in {bed.dir} (nothing to stop); "
+                f"start one with: p11guard testbed up --dir {opts.dir}"
+            )
         bed.down()
         print(f"testbed in {bed.dir} stopped")
     elif opts.action == "status":
@@ -42,7 +44,9 @@ def _testbed(opts: argparse.Namespace) -> int:
         ms: float | None = None
         if opts.fault == "latency":
             if opts.ms is None:
-                raise UsageError("latency needs milliseconds, e.g. `p11guard testbed fault --dir D latency 2`")
+                raise UsageError(
+                    "latency needs milliseconds, e.g. `p11guard testbed fault --dir D latency 2`"
+                )
             try:
                 ms = float(opts.ms)
             except ValueError:
@@ -65,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tb = sub.add_parser("testbed", help="run a simulated network HSM group (SoftHSM2 + p11-kit)")
     tb_sub = tb.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (("up", "start it in the background; print the config path"),
-                         ("down", "stop every process it started"),
-                         ("status", "which processes run, which fault is active")):
+    for action, text in (
+        ("up", "start it in the background; print the config path"),
+        ("down", "stop every process it started"),
+        ("status", "which processes run, which fault is active"),
+    ):
         p = tb_sub.add_parser(action, help=text)
         p.add_argument("--dir", required=True, help="the testbed's directory")
     p = tb_sub.add_parser("fault", help="inject a fault: " + ", ".join(FAULTS))

@@ -16,25 +16,10 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import pykka
-
-from p11guard._config import Config
-from p11guard._errors import (
-    AuthError,
-    ConfigError,
-    GuardClosed,
-    GuardFailed,
-    HostError,
-    ModuleLoadError,
-    OpTimeout,
-    OutcomeUnknown,
-    OutOfService,
-    RemoteError,
-)
-from p11guard._secret import Secret
 from p11guard.actors import (
     CryptoWorker,
     HealthActor,
@@ -55,12 +40,27 @@ from p11guard.actors import (
 )
 from p11guard.protocol import LOSS_KINDS
 
+from p11guard._config import Config
+from p11guard._errors import (
+    AuthError,
+    ConfigError,
+    GuardClosed,
+    GuardFailed,
+    HostError,
+    ModuleLoadError,
+    OpTimeout,
+    OutcomeUnknown,
+    OutOfService,
+    RemoteError,
+)
+from p11guard._secret import Secret
+
 __all__ = ["SharedState", "State", "Supervisor"]
 
 log = logging.getLogger("p11guard")
 
 
-class State(str, Enum):
+class State(StrEnum):
     """The supervisor's states (see ``../shared/design.md``)."""
 
     STARTING = "STARTING"
@@ -240,8 +240,7 @@ class Supervisor(pykka.ThreadingActor):
 
     def on_start(self) -> None:
         shared = self.shared
-        self.health = HealthActor.start(self.config, self.actor_ref, self.registry,
-                                        lambda: shared.generation)
+        self.health = HealthActor.start(self.config, self.actor_ref, self.registry, lambda: shared.generation)
         if self._load_pin():
             assert self._pin is not None and self.health is not None
             self.health.tell(StartProbe(self.generation, self._pin))
@@ -276,8 +275,14 @@ class Supervisor(pykka.ThreadingActor):
         self.shared.state = new
         self.shared.generation = self.generation
         level = logging.WARNING if new in (State.SUSPECT, State.LOST, State.FAILED) else logging.INFO
-        log.log(level, "state %s -> %s (generation %d)%s", old, new, self.generation,
-                f": {cause}" if cause else "")
+        log.log(
+            level,
+            "state %s -> %s (generation %d)%s",
+            old,
+            new,
+            self.generation,
+            f": {cause}" if cause else "",
+        )
         info = {"generation": self.generation, "cause": cause}
         for callback in list(self.callbacks):
             try:
@@ -287,7 +292,7 @@ class Supervisor(pykka.ThreadingActor):
 
     # -- messages -----------------------------------------------------------------------
 
-    def on_receive(self, message: Any) -> Any:  # noqa: C901 - a dispatch table
+    def on_receive(self, message: Any) -> Any:
         if isinstance(message, Submit):
             self._on_submit(message.job)
         elif isinstance(message, JobDone):
@@ -364,19 +369,22 @@ class Supervisor(pykka.ThreadingActor):
                 self.counters.outcome_unknown += 1
 
     def _expire(self, job: Job) -> None:
-        self._settle(job, error=OpTimeout(job.name, self.config.op_deadline_s, str(self.state),
-                                          job.last_error))
+        self._settle(
+            job, error=OpTimeout(job.name, self.config.op_deadline_s, str(self.state), job.last_error)
+        )
 
     def _lost_in_flight(self, job: Job, error: BaseException) -> None:
         """A job whose worker hit a loss signal (or was killed under it)."""
         if self.state == State.FAILED:
             self._settle(job, error=GuardFailed(self.failed_reason or "failed"))
         elif self.closing:
-            self._settle(job, error=GuardClosed(f"the guard closed while {job.name} was in "
-                                                f"flight ({_short(error)})"))
+            self._settle(
+                job, error=GuardClosed(f"the guard closed while {job.name} was in flight ({_short(error)})")
+            )
         elif not job.idempotent:
-            self._settle(job, error=OutcomeUnknown(job.op, job.label, f"a loss signal arrived "
-                                                   f"({_short(error)})"))
+            self._settle(
+                job, error=OutcomeUnknown(job.op, job.label, f"a loss signal arrived ({_short(error)})")
+            )
         elif time.monotonic() >= job.deadline:
             job.last_error = _short(error)
             self._expire(job)
@@ -388,8 +396,13 @@ class Supervisor(pykka.ThreadingActor):
     def _on_job_done(self, msg: JobDone) -> None:
         entry = self.inflight.pop(msg.job.seq, None)
         slot = self.slots.get(msg.wid)
-        current = (entry is not None and msg.generation == self.generation and slot is not None
-                   and slot.generation == msg.generation and slot.job is msg.job)
+        current = (
+            entry is not None
+            and msg.generation == self.generation
+            and slot is not None
+            and slot.generation == msg.generation
+            and slot.job is msg.job
+        )
         if current:
             assert slot is not None
             slot.job = None
@@ -419,8 +432,11 @@ class Supervisor(pykka.ThreadingActor):
         now = time.monotonic()
         while self.queue and now >= self.queue[0].deadline:
             self._expire(self.queue.popleft())
-        if self.state in _DISPATCHING and self.health is not None and \
-                now - self._last_tick_probe >= self.config.probe_interval_s:
+        if (
+            self.state in _DISPATCHING
+            and self.health is not None
+            and now - self._last_tick_probe >= self.config.probe_interval_s
+        ):
             self._last_tick_probe = now
             self.health.tell(Tick(self.generation))
 
@@ -432,8 +448,9 @@ class Supervisor(pykka.ThreadingActor):
         for wid in range(self.config.workers):
             slot = WorkerSlot(wid, self.generation)
             self.slots[wid] = slot
-            slot.ref = CryptoWorker.start(wid, self.generation, self.config, self._pin,
-                                          self.actor_ref, self.registry)
+            slot.ref = CryptoWorker.start(
+                wid, self.generation, self.config, self._pin, self.actor_ref, self.registry
+            )
 
     def _on_worker_ready(self, msg: WorkerReady) -> None:
         slot = self.slots.get(msg.wid)
@@ -495,18 +512,24 @@ class Supervisor(pykka.ThreadingActor):
             slot.ref.tell(Renew(self._pin, new_host=slot.last_error_kind != "session"))
         else:
             slot.status = "starting"
-            slot.ref = CryptoWorker.start(wid, self.generation, self.config, self._pin,
-                                          self.actor_ref, self.registry)
+            slot.ref = CryptoWorker.start(
+                wid, self.generation, self.config, self._pin, self.actor_ref, self.registry
+            )
 
     def _on_worker_stopped(self, msg: WorkerStopped) -> None:
         for seq, entry in list(self.inflight.items()):
             if entry.generation == msg.generation and entry.wid == msg.wid:
                 del self.inflight[seq]
-                self._lost_in_flight(entry.job, HostError("worker stopped with the job in flight",
-                                                          generation=msg.generation))
+                self._lost_in_flight(
+                    entry.job, HostError("worker stopped with the job in flight", generation=msg.generation)
+                )
         slot = self.slots.get(msg.wid)
-        if (slot is not None and msg.generation == self.generation and slot.status != "stopping"
-                and self.state not in (State.FAILED, State.CLOSED)):
+        if (
+            slot is not None
+            and msg.generation == self.generation
+            and slot.status != "stopping"
+            and self.state not in (State.FAILED, State.CLOSED)
+        ):
             # The worker actor died on its own (a bug, or on_start raised): one_for_one.
             slot.ref = None
             slot.status = "suspect"
@@ -519,8 +542,9 @@ class Supervisor(pykka.ThreadingActor):
         slot.status = "renewing"
         delay = 0.0
         if slot.fail_streak > 1:
-            delay = min(self.config.backoff_max_s,
-                        self.config.backoff_initial_s * 2 ** (slot.fail_streak - 2))
+            delay = min(
+                self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** (slot.fail_streak - 2)
+            )
         if delay:
             self._after(delay * random.uniform(0.5, 1.0), RenewAttempt(slot.wid, self.generation))
         else:
@@ -541,8 +565,12 @@ class Supervisor(pykka.ThreadingActor):
         self.counters.probes += 1
         if not res.ok:
             self.counters.probes_failed += 1
-        self.last_probe = {"ok": res.ok, "at": res.at, "latency_s": round(res.latency_s, 6),
-                           "error": None if res.error is None else _short(res.error)}
+        self.last_probe = {
+            "ok": res.ok,
+            "at": res.at,
+            "latency_s": round(res.latency_s, 6),
+            "error": None if res.error is None else _short(res.error),
+        }
         if res.fresh:
             self._on_fresh_probe(res)
             return
@@ -560,8 +588,9 @@ class Supervisor(pykka.ThreadingActor):
         elif self.state == State.STARTING:
             self._fail(f"probe failed during start: {res.error}", res.error)
         else:
-            self._begin_recovery(f"probe failed ({res.cause or 'periodic'}): "
-                                 f"{_short(res.error) if res.error else 'unknown'}")
+            self._begin_recovery(
+                f"probe failed ({res.cause or 'periodic'}): {_short(res.error) if res.error else 'unknown'}"
+            )
 
     def _on_fresh_probe(self, res: ProbeResult) -> None:
         if self.state == State.STARTING:
@@ -572,18 +601,24 @@ class Supervisor(pykka.ThreadingActor):
                 self._fail(str(res.error), res.error)
         elif self.state == State.RECOVERING:
             if res.ok:
-                log.info("group answers again (generation %d); starting %d workers",
-                         self.generation, self.config.workers)
+                log.info(
+                    "group answers again (generation %d); starting %d workers",
+                    self.generation,
+                    self.config.workers,
+                )
                 self._start_workers()
             elif isinstance(res.error, AuthError | ModuleLoadError):
                 self._fail(str(res.error), res.error)
             else:
                 self.recovery_attempt += 1
-                delay = min(self.config.backoff_max_s,
-                            self.config.backoff_initial_s * 2 ** (self.recovery_attempt - 1))
+                delay = min(
+                    self.config.backoff_max_s,
+                    self.config.backoff_initial_s * 2 ** (self.recovery_attempt - 1),
+                )
                 delay *= random.uniform(0.5, 1.0)  # jitter: many clients must not retry in step
-                log.debug("recovery probe %d failed (%s); next in %.3f s", self.recovery_attempt,
-                          res.error, delay)
+                log.debug(
+                    "recovery probe %d failed (%s); next in %.3f s", self.recovery_attempt, res.error, delay
+                )
                 self._after(delay, RecoveryAttempt(self.generation))
 
     def _stop_workers(self) -> None:
@@ -627,8 +662,12 @@ class Supervisor(pykka.ThreadingActor):
         self.outages.append(self.outage)
         self.counters.recoveries += 1
         self.shared.recoveries = self.counters.recoveries
-        log.info("recovered: generation %d serving after %.3f s (cause: %s)",
-                 self.generation, self.outage.duration_s, self.outage.cause)
+        log.info(
+            "recovered: generation %d serving after %.3f s (cause: %s)",
+            self.generation,
+            self.outage.duration_s,
+            self.outage.cause,
+        )
         self.outage = None
 
     def _fail(self, reason: str, error: BaseException | None = None) -> None:
@@ -663,8 +702,13 @@ class Supervisor(pykka.ThreadingActor):
         self._maybe_closed()
 
     def _maybe_closed(self) -> None:
-        if self.closing and self.close_future is not None and not self.close_future.done() \
-                and not self.queue and not self.inflight:
+        if (
+            self.closing
+            and self.close_future is not None
+            and not self.close_future.done()
+            and not self.queue
+            and not self.inflight
+        ):
             self.close_future.set_result(None)
 
     def _on_finalize(self, deadline_s: float) -> list[pykka.ActorRef[Any]]:
@@ -693,15 +737,28 @@ class Supervisor(pykka.ThreadingActor):
         workers = []
         for slot in sorted(self.slots.values(), key=lambda s: s.wid):
             host = self.registry.get(f"worker-{slot.wid}")
-            workers.append({
-                "id": slot.wid, "pid": slot.pid, "alive": bool(host and host.alive and host.pid == slot.pid),
-                "status": slot.status, "generation": slot.generation, "ops": slot.ops,
-                "errors": slot.errors, "last_error": slot.last_error,
-                "sessions_opened": slot.sessions_opened, "restarts": slot.restarts,
-            })
+            workers.append(
+                {
+                    "id": slot.wid,
+                    "pid": slot.pid,
+                    "alive": bool(host and host.alive and host.pid == slot.pid),
+                    "status": slot.status,
+                    "generation": slot.generation,
+                    "ops": slot.ops,
+                    "errors": slot.errors,
+                    "last_error": slot.last_error,
+                    "sessions_opened": slot.sessions_opened,
+                    "restarts": slot.restarts,
+                }
+            )
         outages = [
-            {"start": o.start, "end": o.end, "duration_s": o.duration_s, "cause": o.cause,
-             "generation": o.generation}
+            {
+                "start": o.start,
+                "end": o.end,
+                "duration_s": o.duration_s,
+                "cause": o.cause,
+                "generation": o.generation,
+            }
             for o in [*self.outages, *([self.outage] if self.outage else [])]
         ]
         c = self.counters
@@ -712,10 +769,16 @@ class Supervisor(pykka.ThreadingActor):
             "workers": workers,
             "last_probe": self.last_probe,
             "outages": outages,
-            "counters": {"ops_ok": c.ops_ok, "ops_failed": c.ops_failed, "ops_retried": c.ops_retried,
-                         "outcome_unknown": c.outcome_unknown, "recoveries": c.recoveries,
-                         "probes": c.probes, "probes_failed": c.probes_failed,
-                         "login_failures": c.login_failures},
+            "counters": {
+                "ops_ok": c.ops_ok,
+                "ops_failed": c.ops_failed,
+                "ops_retried": c.ops_retried,
+                "outcome_unknown": c.outcome_unknown,
+                "recoveries": c.recoveries,
+                "probes": c.probes,
+                "probes_failed": c.probes_failed,
+                "login_failures": c.login_failures,
+            },
             "queued": len(self.queue),
             "in_flight": len(self.inflight),
             "failed_reason": self.failed_reason,

@@ -46,18 +46,26 @@ def find_tools() -> dict[str, str]:
     Raises:
         TestbedError: something is missing (names the Debian packages to install).
     """
+
     def first(env: str, candidates: list[str]) -> str | None:
         if env in os.environ:  # an explicit choice (also how tests simulate a missing tool)
             return os.environ[env] if os.path.exists(os.environ[env]) else None
         return next(iter(candidates), None)
 
-    softhsm = first("P11GUARD_SOFTHSM2_MODULE", glob.glob("/usr/lib/softhsm/libsofthsm2.so")
-                    + glob.glob("/usr/lib/*/softhsm/libsofthsm2.so"))
+    softhsm = first(
+        "P11GUARD_SOFTHSM2_MODULE",
+        glob.glob("/usr/lib/softhsm/libsofthsm2.so") + glob.glob("/usr/lib/*/softhsm/libsofthsm2.so"),
+    )
     p11kit = first("P11GUARD_P11KIT", [p for p in [shutil.which("p11-kit")] if p])
-    client = first("P11GUARD_P11KIT_CLIENT", glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so")
-                   + glob.glob("/usr/lib/pkcs11/p11-kit-client.so"))
-    missing = [name for name, path in (("softhsm2", softhsm), ("p11-kit", p11kit),
-                                        ("p11-kit-modules", client)) if not path]
+    client = first(
+        "P11GUARD_P11KIT_CLIENT",
+        glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so") + glob.glob("/usr/lib/pkcs11/p11-kit-client.so"),
+    )
+    missing = [
+        name
+        for name, path in (("softhsm2", softhsm), ("p11-kit", p11kit), ("p11-kit-modules", client))
+        if not path
+    ]
     if missing:
         raise TestbedError(f"missing Debian packages: {', '.join(missing)}; {_INSTALL_HINT}")
     assert softhsm and p11kit and client
@@ -219,10 +227,21 @@ class Testbed:
             log = open(self.dir / "proxy.log", "ab")  # noqa: SIM115 - handed to the child
             with log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "p11guard.testbed._proxy",
-                     "--listen", state["proxy_socket"], "--upstream", state["server_socket"],
-                     "--control", state["control_socket"]],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                    [
+                        sys.executable,
+                        "-m",
+                        "p11guard.testbed._proxy",
+                        "--listen",
+                        state["proxy_socket"],
+                        "--upstream",
+                        state["server_socket"],
+                        "--control",
+                        state["control_socket"],
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
                 )
             state["proxy_pid"] = proc.pid
             state["proxy_created"] = psutil.Process(proc.pid).create_time()
@@ -254,10 +273,11 @@ class Testbed:
         # PINs go through stdin: never on a command line.
         done = subprocess.run(
             [sys.executable, "-c", _INIT_TOKEN],
-            input=json.dumps({"module": tools["softhsm"], "label": self.token_label,
-                              "so": so, "user": user}),
+            input=json.dumps({"module": tools["softhsm"], "label": self.token_label, "so": so, "user": user}),
             env={**os.environ, "SOFTHSM2_CONF": str(self.softhsm_conf)},
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if done.returncode != 0:
             tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
@@ -271,10 +291,21 @@ class Testbed:
         log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
         with log:
             proc = subprocess.Popen(
-                [tools["p11kit"], "server", "-f", "--provider", tools["softhsm"],
-                 "-n", state["server_socket"], f"pkcs11:token={self.token_label}"],
+                [
+                    tools["p11kit"],
+                    "server",
+                    "-f",
+                    "--provider",
+                    tools["softhsm"],
+                    "-n",
+                    state["server_socket"],
+                    f"pkcs11:token={self.token_label}",
+                ],
                 env={**os.environ, "SOFTHSM2_CONF": str(self.softhsm_conf)},
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
         state["server_pid"] = proc.pid
         state["server_created"] = psutil.Process(proc.pid).create_time()
@@ -282,8 +313,9 @@ class Testbed:
 
         def ready() -> bool:
             if proc.poll() is not None:
-                raise TestbedError(f"p11-kit server exited with {proc.returncode}; "
-                                   f"see {self.dir / 'server.log'}")
+                raise TestbedError(
+                    f"p11-kit server exited with {proc.returncode}; see {self.dir / 'server.log'}"
+                )
             return os.path.exists(state["server_socket"])
 
         _wait_for(ready, timeout, "p11-kit server")
@@ -309,7 +341,8 @@ class Testbed:
 
         state = self._state()
         host = HostProcess.spawn(
-            state["tools"]["client"], env={"P11_KIT_SERVER_ADDRESS": self.server_address},
+            state["tools"]["client"],
+            env={"P11_KIT_SERVER_ADDRESS": self.server_address},
             start_timeout_s=timeout,
         )
         try:
@@ -352,8 +385,9 @@ class Testbed:
     def _require_up(self) -> dict[str, Any]:
         st = self._state()
         if not st or not _alive(st.get("proxy_pid"), st.get("proxy_created")):
-            raise TestbedError(f"no testbed is running in {self.dir}; "
-                               f"start one with: p11guard testbed up --dir {self.dir}")
+            raise TestbedError(
+                f"no testbed is running in {self.dir}; start one with: p11guard testbed up --dir {self.dir}"
+            )
         return st
 
     def _control(self, st: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from p11guard import Config
 from p11guard.host import HostProcess
 from p11guard.testbed import Testbed
 
+from p11guard import Config
+
 EC_KEY = "test-ec"
-KEYS = {"test-ec": "ec-p256", "test-ec384": "ec-p384", "test-rsa": "rsa-2048",
-        "test-ed": "ed25519"}
+KEYS = {"test-ec": "ec-p256", "test-ec384": "ec-p384", "test-rsa": "rsa-2048", "test-ed": "ed25519"}
 SECRETS = {"test-aes": "aes-256", "test-hmac": "hmac-sha256"}
 
 
@@ -69,8 +68,13 @@ def group(bed: Testbed, hsm_group: Testbed) -> Iterator[Testbed]:
 def net_config(group: Testbed) -> Config:
     """Config through the fault proxy, with short timeouts for tests."""
     return Config.from_file(group.config_path).replace(
-        workers=2, call_s=3.0, probe_s=1.0, probe_interval_s=0.5,
-        backoff_initial_s=0.05, backoff_max_s=0.3, op_deadline_s=30.0,
+        workers=2,
+        call_s=3.0,
+        probe_s=1.0,
+        probe_interval_s=0.5,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.3,
+        op_deadline_s=30.0,
     )
 
 
@@ -80,8 +84,9 @@ def direct_config(bed: Testbed) -> Config:
 
 
 def spawn_host(config: Config, generation: int = 0, fault_injection: bool = True) -> HostProcess:
-    return HostProcess.spawn(config.module_path, env=config.module_env, generation=generation,
-                             fault_injection=fault_injection)
+    return HostProcess.spawn(
+        config.module_path, env=config.module_env, generation=generation, fault_injection=fault_injection
+    )
 
 
 @pytest.fixture

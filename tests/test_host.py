@@ -16,6 +16,9 @@ from conftest import gone, spawn_host, wait_until
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from p11guard.host import HostProcess
+from p11guard.protocol import ckr_kind, ckr_name, decode, encode
+from p11guard.testbed import Testbed
 
 from p11guard import (
     AuthError,
@@ -31,9 +34,6 @@ from p11guard import (
     StaleGeneration,
     UserError,
 )
-from p11guard.host import HostProcess
-from p11guard.protocol import ckr_kind, ckr_name, decode, encode
-from p11guard.testbed import Testbed
 
 
 def _verify(pem: bytes, signature: bytes, data: bytes, mechanism: str) -> None:
@@ -57,24 +57,33 @@ def _verify(pem: bytes, signature: bytes, data: bytes, mechanism: str) -> None:
         raise AssertionError(mechanism)
 
 
-@pytest.mark.parametrize(("key", "mechanism"), [
-    ("test-ec", "ecdsa-sha256"), ("test-ec384", "ecdsa-sha384"), ("test-ec", "ecdsa-sha384"),
-    ("test-rsa", "rsa-pkcs1-sha256"), ("test-rsa", "rsa-pss-sha256"), ("test-ed", "ed25519"),
-])
+@pytest.mark.parametrize(
+    ("key", "mechanism"),
+    [
+        ("test-ec", "ecdsa-sha256"),
+        ("test-ec384", "ecdsa-sha384"),
+        ("test-ec", "ecdsa-sha384"),
+        ("test-rsa", "rsa-pkcs1-sha256"),
+        ("test-rsa", "rsa-pss-sha256"),
+        ("test-ed", "ed25519"),
+    ],
+)
 def test_sign_verifies_with_cryptography(open_host: HostProcess, key: str, mechanism: str) -> None:
     data = b"record " + mechanism.encode()
     sig = open_host.call("sign", {"key": key, "data": data, "mechanism": mechanism})
     _verify(open_host.call("public_key", {"key": key}), sig, data, mechanism)
     assert open_host.call("verify", {"key": key, "data": data, "signature": sig, "mechanism": mechanism})
-    assert not open_host.call("verify", {"key": key, "data": data + b"x", "signature": sig,
-                                         "mechanism": mechanism})
+    assert not open_host.call(
+        "verify", {"key": key, "data": data + b"x", "signature": sig, "mechanism": mechanism}
+    )
 
 
 def test_hmac_aes_digest_random(open_host: HostProcess) -> None:
     mac = open_host.call("sign", {"key": "test-hmac", "data": b"m", "mechanism": "hmac-sha256"})
     assert len(mac) == 32
-    assert open_host.call("verify", {"key": "test-hmac", "data": b"m", "signature": mac,
-                                     "mechanism": "hmac-sha256"})
+    assert open_host.call(
+        "verify", {"key": "test-hmac", "data": b"m", "signature": mac, "mechanism": "hmac-sha256"}
+    )
     ct = open_host.call("encrypt", {"key": "test-aes", "data": b"secret", "aad": b"hdr"})
     assert len(ct) == 12 + 6 + 16 and b"secret" not in ct
     assert open_host.call("decrypt", {"key": "test-aes", "data": ct, "aad": b"hdr"}) == b"secret"
@@ -124,16 +133,20 @@ def test_crash_is_reported_with_signal_or_code(open_host: HostProcess, how: str,
         open_host.call("random", {"n": 1})
 
 
-@pytest.mark.parametrize(("request_", "match"), [
-    ({"op": "nope", "args": {}}, "unknown op 'nope'"),
-    ({"op": "sign", "args": {"key": 5, "data": b"x"}}, "'key' must be str"),
-    ({"op": "sign", "args": {"key": "test-ec"}}, "missing argument 'data'"),
-    ({"op": "sign", "args": {"key": "test-ec", "data": b"x", "mechanism": "rot13"}}, "unknown mechanism"),
-    ({"op": "random", "args": {"n": 10**9}}, "between 1 and"),
-    ({"op": "sign", "args": "not a map"}, "'args' must be a map"),
-])
-def test_bad_requests_get_clear_errors_and_host_survives(open_host: HostProcess, request_: dict,
-                                                         match: str) -> None:
+@pytest.mark.parametrize(
+    ("request_", "match"),
+    [
+        ({"op": "nope", "args": {}}, "unknown op 'nope'"),
+        ({"op": "sign", "args": {"key": 5, "data": b"x"}}, "'key' must be str"),
+        ({"op": "sign", "args": {"key": "test-ec"}}, "missing argument 'data'"),
+        ({"op": "sign", "args": {"key": "test-ec", "data": b"x", "mechanism": "rot13"}}, "unknown mechanism"),
+        ({"op": "random", "args": {"n": 10**9}}, "between 1 and"),
+        ({"op": "sign", "args": "not a map"}, "'args' must be a map"),
+    ],
+)
+def test_bad_requests_get_clear_errors_and_host_survives(
+    open_host: HostProcess, request_: dict, match: str
+) -> None:
     reply = open_host.send_raw(encode({"id": 7, "gen": 0, **request_}))
     assert reply["err"]["kind"] == "bad_request"
     assert match in reply["err"]["message"]
@@ -245,20 +258,21 @@ def test_stale_generation_is_refused(direct_config: Config, bed: Testbed) -> Non
     host = spawn_host(direct_config, generation=3)
     try:
         host.open(bed.token_label, bed.pin, 10)
-        reply = host.send_raw(encode({"id": 1, "gen": 2, "op": "sign",
-                                      "args": {"key": "test-ec", "data": b"x"}}))
+        reply = host.send_raw(
+            encode({"id": 1, "gen": 2, "op": "sign", "args": {"key": "test-ec", "data": b"x"}})
+        )
         assert reply["err"]["kind"] == "stale_generation"
         assert "generation 2 refused by a host of generation 3" in reply["err"]["message"]
         from p11guard._errors import remote_error
 
-        assert isinstance(remote_error(reply["err"], op="sign", pid=host.pid, generation=3),
-                          StaleGeneration)
+        assert isinstance(remote_error(reply["err"], op="sign", pid=host.pid, generation=3), StaleGeneration)
     finally:
         host.kill()
 
 
-def test_pin_never_in_repr_argv_env_or_logs(direct_config: Config, bed: Testbed,
-                                            caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
+def test_pin_never_in_repr_argv_env_or_logs(
+    direct_config: Config, bed: Testbed, caplog: pytest.LogCaptureFixture, monkeypatch
+) -> None:
     pin = bed.pin.reveal()
     monkeypatch.setenv("P11GUARD_TEST_PIN", pin)  # a PIN in the parent's environment...
     caplog.set_level(logging.DEBUG)
@@ -303,8 +317,9 @@ def test_group_loss_through_testbed(net_host: HostProcess, group: Testbed) -> No
     assert info.value.ckr == 0x30 and info.value.kind == "group_loss"
 
 
-def test_hang_passes_deadline_and_kill_is_fast(net_host: HostProcess, net_config: Config,
-                                               group: Testbed) -> None:
+def test_hang_passes_deadline_and_kill_is_fast(
+    net_host: HostProcess, net_config: Config, group: Testbed
+) -> None:
     group.fault("hang")
     with pytest.raises(HostTimeout) as info:
         net_host.call("sign", {"key": "test-ec", "data": b"x"}, deadline_s=0.5)
@@ -357,7 +372,9 @@ _PARENT = textwrap.dedent("""
 def test_host_dies_with_its_parent(direct_config: Config, bed: Testbed, mode: str) -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c", _PARENT, direct_config.module_path, str(bed.softhsm_conf), mode],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert parent.stdout is not None

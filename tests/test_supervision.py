@@ -15,6 +15,8 @@ from conftest import EC_KEY, gone, wait_until
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from p11guard.protocol import encode
+from p11guard.testbed import Testbed
 
 from p11guard import (
     AuthError,
@@ -28,8 +30,6 @@ from p11guard import (
     OutcomeUnknown,
     OutOfService,
 )
-from p11guard.protocol import encode
-from p11guard.testbed import Testbed
 
 NOT_SERVING = ("SUSPECT", "LOST", "RECOVERING")
 
@@ -168,8 +168,11 @@ def test_false_alarm_renews_only_that_worker(net_config: Config, group: Testbed,
         w0, w1 = _worker(g, 0), _worker(g, 1)
         g.inject_fault(0, "fail_next", ckr=ckr, count=1, ops=["sign"])
         _hit_all_workers(g)  # one of them meets the injected error and is retried
-        wait_until(lambda: _worker(g, 0)["restarts"] == 1 and _worker(g, 0)["status"] == "idle",
-                   10, "worker 0 renewed")
+        wait_until(
+            lambda: _worker(g, 0)["restarts"] == 1 and _worker(g, 0)["status"] == "idle",
+            10,
+            "worker 0 renewed",
+        )
         status = g.status()
         assert status["generation"] == 0 and status["state"] == "SERVING"
         assert status["counters"]["ops_failed"] == 0 and status["counters"]["ops_retried"] == 1
@@ -187,9 +190,14 @@ def test_sigkill_one_worker_host(net_config: Config, group: Testbed) -> None:
         before = {w["id"]: w["pid"] for w in g.status()["workers"]}
         with Load(g, threads=6) as load:
             os.kill(before[1], signal.SIGKILL)
-            wait_until(lambda: _find(g.status(), 1)["pid"] not in (None, before[1])
-                       and _find(g.status(), 1)["status"] in ("idle", "busy"), 10,
-                       "worker 1 to serve from a new host")
+            wait_until(
+                lambda: (
+                    _find(g.status(), 1)["pid"] not in (None, before[1])
+                    and _find(g.status(), 1)["status"] in ("idle", "busy")
+                ),
+                10,
+                "worker 1 to serve from a new host",
+            )
             progress_after(load)
             status = g.status()
     assert load.errors == []
@@ -218,8 +226,15 @@ def test_flapping_converges_single_flight(net_config: Config, group: Testbed) ->
     losts = [t for t in transitions if t[1] == "LOST"]
     # every LOST is followed by exactly one RECOVERING before the next LOST: never two at once
     assert status["generation"] == len(losts) >= 1
-    allowed = {("SERVING", "SUSPECT"), ("SUSPECT", "SERVING"), ("SUSPECT", "LOST"), ("SERVING", "LOST"),
-               ("LOST", "RECOVERING"), ("RECOVERING", "SERVING"), ("SERVING", "CLOSED")}
+    allowed = {
+        ("SERVING", "SUSPECT"),
+        ("SUSPECT", "SERVING"),
+        ("SUSPECT", "LOST"),
+        ("SERVING", "LOST"),
+        ("LOST", "RECOVERING"),
+        ("RECOVERING", "SERVING"),
+        ("SERVING", "CLOSED"),
+    }
     assert set(transitions) <= allowed, transitions
 
 
@@ -288,8 +303,9 @@ def test_old_generation_never_reaches_new_hosts(net_config: Config, group: Testb
         wait_until(lambda: g.state == "SERVING", 15, "SERVING")
         hosts = g._registry.hosts()
         assert hosts and all(h.generation == 1 for h in hosts)
-        reply = hosts[0].send_raw(encode({"id": 99, "gen": 0, "op": "sign",
-                                          "args": {"key": EC_KEY, "data": b"stale"}}))
+        reply = hosts[0].send_raw(
+            encode({"id": 99, "gen": 0, "op": "sign", "args": {"key": EC_KEY, "data": b"stale"}})
+        )
         assert reply["err"]["kind"] == "stale_generation"
 
 
@@ -344,7 +360,7 @@ def test_start_errors_are_clear(net_config: Config, group: Testbed, tmp_path: Pa
     fake.write_bytes(b"\x7fELF garbage")
     with pytest.raises(ModuleLoadError, match="cannot load PKCS#11 module"):
         Guard(net_config.replace(module_path=str(fake)))
-    with pytest.raises(ConfigError, match="group.pin_file: cannot read PIN file"):
+    with pytest.raises(ConfigError, match=r"group\.pin_file: cannot read PIN file"):
         Guard(net_config.replace(pin_file=str(tmp_path / "missing")))
 
 
