@@ -8,12 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pykka
-from p11guard.actors._messages import HostRegistry, ProbeResult, Report, Shutdown, StartProbe
-from p11guard.host import HostProcess
 
 from p11guard._config import Config
 from p11guard._errors import HostError, HostTimeout, RemoteError
 from p11guard._secret import Secret
+from p11guard.actors._messages import HostRegistry, ProbeResult, Report, Shutdown, StartProbe
+from p11guard.host import HostProcess
 
 __all__ = ["HealthActor", "Tick"]
 

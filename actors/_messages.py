@@ -12,9 +12,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from p11guard.host import HostProcess
-
 from p11guard._secret import Secret
+from p11guard.host import HostProcess
 
 __all__ = [
     "HostRegistry",

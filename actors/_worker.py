@@ -6,6 +6,10 @@ import logging
 from typing import Any
 
 import pykka
+
+from p11guard._config import Config
+from p11guard._errors import RemoteError
+from p11guard._secret import Secret
 from p11guard.actors._messages import (
     HostRegistry,
     Inject,
@@ -20,10 +24,6 @@ from p11guard.actors._messages import (
 )
 from p11guard.host import HostProcess
 from p11guard.protocol import LOSS_KINDS
-
-from p11guard._config import Config
-from p11guard._errors import RemoteError
-from p11guard._secret import Secret
 
 __all__ = ["CryptoWorker"]
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import PyKCS11
-from p11guard.protocol import MECHANISMS, OPS, ckr_kind, ckr_name
 from PyKCS11 import LowLevel
+
+from p11guard.protocol import MECHANISMS, OPS, ckr_kind, ckr_name
 
 __all__ = ["BadRequest", "Host", "KeyInfo"]
 

@@ -21,7 +21,6 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import psutil
-from p11guard.protocol import MAX_FRAME, FrameError, decode, encode
 
 from p11guard._errors import (
     ChannelPoisoned,
@@ -34,6 +33,7 @@ from p11guard._errors import (
     remote_error,
 )
 from p11guard._secret import Secret
+from p11guard.protocol import MAX_FRAME, FrameError, decode, encode
 
 __all__ = ["ENV_PASSTHROUGH", "HostProcess"]
 

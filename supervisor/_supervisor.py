@@ -20,6 +20,21 @@ from enum import StrEnum
 from typing import Any
 
 import pykka
+
+from p11guard._config import Config
+from p11guard._errors import (
+    AuthError,
+    ConfigError,
+    GuardClosed,
+    GuardFailed,
+    HostError,
+    ModuleLoadError,
+    OpTimeout,
+    OutcomeUnknown,
+    OutOfService,
+    RemoteError,
+)
+from p11guard._secret import Secret
 from p11guard.actors import (
     CryptoWorker,
     HealthActor,
@@ -39,21 +54,6 @@ from p11guard.actors import (
     WorkerStopped,
 )
 from p11guard.protocol import LOSS_KINDS
-
-from p11guard._config import Config
-from p11guard._errors import (
-    AuthError,
-    ConfigError,
-    GuardClosed,
-    GuardFailed,
-    HostError,
-    ModuleLoadError,
-    OpTimeout,
-    OutcomeUnknown,
-    OutOfService,
-    RemoteError,
-)
-from p11guard._secret import Secret
 
 __all__ = ["SharedState", "State", "Supervisor"]
 

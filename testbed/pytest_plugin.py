@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from p11guard.testbed._testbed import Testbed
 
 

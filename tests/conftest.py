@@ -9,10 +9,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from p11guard.host import HostProcess
-from p11guard.testbed import Testbed
 
 from p11guard import Config
+from p11guard.host import HostProcess
+from p11guard.testbed import Testbed
 
 EC_KEY = "test-ec"
 KEYS = {"test-ec": "ec-p256", "test-ec384": "ec-p384", "test-rsa": "rsa-2048", "test-ed": "ed25519"}

@@ -12,14 +12,11 @@ import time
 
 import msgpack
 import pytest
-from conftest import gone, spawn_host, wait_until
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from p11guard.host import HostProcess
-from p11guard.protocol import ckr_kind, ckr_name, decode, encode
-from p11guard.testbed import Testbed
 
+from conftest import gone, spawn_host, wait_until
 from p11guard import (
     AuthError,
     ChannelPoisoned,
@@ -34,6 +31,9 @@ from p11guard import (
     StaleGeneration,
     UserError,
 )
+from p11guard.host import HostProcess
+from p11guard.protocol import ckr_kind, ckr_name, decode, encode
+from p11guard.testbed import Testbed
 
 
 def _verify(pem: bytes, signature: bytes, data: bytes, mechanism: str) -> None:

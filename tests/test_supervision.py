@@ -11,13 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import EC_KEY, gone, wait_until
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from p11guard.protocol import encode
-from p11guard.testbed import Testbed
 
+from conftest import EC_KEY, gone, wait_until
 from p11guard import (
     AuthError,
     Config,
@@ -30,6 +28,8 @@ from p11guard import (
     OutcomeUnknown,
     OutOfService,
 )
+from p11guard.protocol import encode
+from p11guard.testbed import Testbed
 
 NOT_SERVING = ("SUSPECT", "LOST", "RECOVERING")
 
