@@ -1,13 +1,142 @@
-"""The HSM commands of the CLI (keys, keygen, pubkey, sign, verify)."""
+"""The HSM commands of the CLI: keys, keygen, pubkey, sign, verify."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
+from p11guard._config import Config
+from p11guard._records import UsageError
+from p11guard.protocol import KEY_TYPES
+
 __all__ = ["add_commands"]
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def _config(opts: argparse.Namespace, workers: int | None = None) -> Config:
+    path = opts.config or os.environ.get("P11GUARD_CONFIG")
+    if not path:
+        raise UsageError("no config: give --config FILE (or set P11GUARD_CONFIG)")
+    config = Config.from_file(path)
+    return config.replace(workers=workers) if workers else config
+
+
+def _keys(opts: argparse.Namespace) -> int:
+    from p11guard._guard import Guard
+
+    with Guard(_config(opts, workers=1)) as g:
+        keys = g.list_keys()
+    if not keys:
+        print("no keys on the token")
+    width = max([len(k["label"]) for k in keys] + [5])
+    for k in keys:
+        print(f"{k['label']:<{width}}  {k['type']:<12}  {', '.join(sorted(k['classes']))}")
+    return EXIT_OK
+
+
+def _keygen(opts: argparse.Namespace) -> int:
+    from p11guard._guard import Guard
+
+    if opts.type not in KEY_TYPES:
+        raise UsageError(f"--type {opts.type!r}: unknown; known: {', '.join(KEY_TYPES)}")
+    with Guard(_config(opts, workers=1)) as g:
+        existing = {k["label"]: k for k in g.list_keys()}
+        if opts.label in existing:
+            have = existing[opts.label]["type"]
+            if not opts.exist_ok:
+                raise UsageError(
+                    f"--label {opts.label!r} already exists ({have}); use --exist-ok to accept it"
+                )
+            if have != opts.type:
+                raise UsageError(f"--label {opts.label!r} exists with type {have}, not {opts.type}")
+            print(f"{opts.label} exists ({have}); nothing to do")
+            return EXIT_OK
+        g.generate_key_pair(opts.label, opts.type)
+    print(f"{opts.label} generated ({opts.type})")
+    return EXIT_OK
+
+
+def _pubkey(opts: argparse.Namespace) -> int:
+    from p11guard._guard import Guard
+    from p11guard._signjob import resolve_key
+
+    with Guard(_config(opts, workers=1)) as g:
+        resolve_key(g, opts.key, None)
+        pem = g.public_key(opts.key)
+    if opts.out:
+        Path(opts.out).write_bytes(pem)
+    else:
+        sys.stdout.write(pem.decode())
+    return EXIT_OK
+
+
+def _sign(opts: argparse.Namespace) -> int:
+    from p11guard._signjob import run_sign
+
+    report = run_sign(
+        _config(opts),
+        opts.key,
+        Path(opts.input),
+        Path(opts.out),
+        opts.mechanism,
+        Path(opts.report) if opts.report else None,
+        opts.quiet,
+    )
+    print(report.summary())
+    return EXIT_OK if report.failed == 0 else EXIT_FAILED
+
+
+def _verify(opts: argparse.Namespace) -> int:
+    from p11guard._verify import run_verify
+
+    report = run_verify(Path(opts.input), Path(opts.sigs), Path(opts.pubkey))
+    print(report.summary())
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def add_commands(sub: Any) -> None:
     """Register the HSM commands on the CLI's sub-parser set."""
-    _ = (sub, argparse)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help="the TOML config (default: $P11GUARD_CONFIG)")
+        return p
+
+    p = with_config(sub.add_parser("keys", help="list key labels and types on the token"))
+    p.set_defaults(func=_keys)
+
+    p = with_config(sub.add_parser("keygen", help="generate a key pair"))
+    p.add_argument("--label", required=True)
+    p.add_argument("--type", required=True, help=" | ".join(KEY_TYPES))
+    p.add_argument("--exist-ok", action="store_true", help="an existing label of that type is fine")
+    p.set_defaults(func=_keygen)
+
+    p = with_config(sub.add_parser("pubkey", help="print a public key as PEM"))
+    p.add_argument("--key", required=True)
+    p.add_argument("--out", help="write the PEM here instead of stdout")
+    p.set_defaults(func=_pubkey)
+
+    p = with_config(
+        sub.add_parser(
+            "sign",
+            help="sign every record of a directory or file, resumably",
+            description="Each regular file below a directory, or each line of a file, is a record. "
+            "Re-running with the same --out skips what is signed already.",
+        )
+    )
+    p.add_argument("--key", required=True, help="label of the private key")
+    p.add_argument("--in", dest="input", required=True, metavar="PATH", help="directory or file")
+    p.add_argument("--out", required=True, metavar="OUT.jsonl", help="signatures, one JSON object per line")
+    p.add_argument("--mechanism", help="default from the key type")
+    p.add_argument("--report", metavar="R.json", help="write the summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=_sign)
+
+    p = sub.add_parser("verify", help="check a signature file with no HSM (cryptography only)")
+    p.add_argument("--in", dest="input", required=True, metavar="PATH")
+    p.add_argument("--sigs", required=True, metavar="OUT.jsonl")
+    p.add_argument("--pubkey", required=True, metavar="pub.pem")
+    p.set_defaults(func=_verify)

@@ -107,6 +107,11 @@ class Guard:
     def generation(self) -> int:
         return self._shared.generation
 
+    @property
+    def recoveries(self) -> int:
+        """How many full recoveries have completed."""
+        return self._shared.recoveries
+
     def status(self) -> dict[str, Any]:
         """State, generation, workers, last probe, outages and counters (like LunaHAStatus)."""
         if self._closed.is_set() and not self._supervisor.is_alive():

@@ -11,14 +11,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 from p11guard._errors import P11GuardError
+from p11guard._records import UsageError
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(P11GuardError):
-    """Bad command-line input (exit code 2)."""
 
 
 def _testbed(opts: argparse.Namespace) -> int:

@@ -1,0 +1,5 @@
+import sys
+
+from p11guard.cli import main
+
+sys.exit(main())
