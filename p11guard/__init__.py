@@ -62,3 +62,8 @@ __all__ = [
     "UserError",
 ]
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# A library logs; the application decides where it goes (the CLI shows it with -v).
+_logging.getLogger("p11guard").addHandler(_logging.NullHandler())

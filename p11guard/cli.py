@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="p11guard",
         description="Keep PKCS#11 crypto work alive through the loss of a whole HSM group.",
     )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log state changes (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tb = sub.add_parser("testbed", help="run a simulated network HSM group (SoftHSM2 + p11-kit)")
@@ -92,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
+    if opts.verbose:
+        logging.basicConfig(
+            level=logging.DEBUG if opts.verbose > 1 else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     func: Callable[[argparse.Namespace], int] = opts.func
     try:
         return func(opts)

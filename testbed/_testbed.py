@@ -323,6 +323,8 @@ class Testbed:
     def _write_configs(self, tools: dict[str, str], state: dict[str, Any]) -> None:
         common = (
             f'[group]\ntoken_label = "{self.token_label}"\npin_file = "{self.pin_path}"\n\n'
+            "[timeouts]\nprobe_interval_s = 1.0\n\n"
+            "[recovery]\nbackoff_initial_s = 0.05\nbackoff_max_s = 0.5\n\n"
             "[testing]\nfault_injection = true\n"
         )
         self.config_path.write_text(
