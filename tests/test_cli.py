@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EC_KEY, wait_until
 
+from conftest import EC_KEY, wait_until
 from p11guard.cli import main
 from p11guard.testbed import Testbed
 
