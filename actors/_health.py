@@ -116,11 +116,7 @@ class HealthActor(pykka.ThreadingActor):
                 )
             )
             return
-        self._tell(
-            ProbeResult(
-                message.generation, True, time.time(), time.monotonic() - start, fresh=True, info=info
-            )
-        )
+        self._tell(ProbeResult(message.generation, True, time.time(), time.monotonic() - start, fresh=True, info=info))
 
     def _probe(self, cause: str | None, periodic: bool = False) -> None:
         if periodic and time.monotonic() - self._last_probe < self.config.probe_interval_s / 2:

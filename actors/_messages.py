@@ -64,6 +64,7 @@ class JobDone:
     job: Job
     result: Any = None
     error: BaseException | None = None
+    settled: bool = False  # the worker already set the future's result
 
 
 @dataclass(frozen=True)

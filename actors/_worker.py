@@ -83,9 +83,7 @@ class CryptoWorker(pykka.ThreadingActor):
             self._drop_host()
             self.supervisor.tell(WorkerFailed(self.wid, self.generation, exc))
             return
-        self.supervisor.tell(
-            WorkerReady(self.wid, self.generation, self.host.pid or 0, int(info["sessions_opened"]))
-        )
+        self.supervisor.tell(WorkerReady(self.wid, self.generation, self.host.pid or 0, int(info["sessions_opened"])))
 
     def _drop_host(self) -> None:
         if self.host is not None:
@@ -128,11 +126,14 @@ class CryptoWorker(pykka.ThreadingActor):
                 loss = next((r for r in results if isinstance(r, RemoteError) and r.kind in LOSS_KINDS), None)
                 if loss is not None:
                     raise loss
-                outcome = JobDone(self.wid, self.generation, job, result=results)
+                result: Any = results
             else:
-                outcome = JobDone(
-                    self.wid, self.generation, job, result=host.call(job.op, job.args, self.config.call_s)
-                )
+                result = host.call(job.op, job.args, self.config.call_s)
+            # Success settles the caller's future here, one thread hop sooner; the supervisor
+            # only does the bookkeeping. Failures are the supervisor's to decide (retry...).
+            if not job.future.done():
+                job.future.set_result(result)
+            outcome = JobDone(self.wid, self.generation, job, result=result, settled=True)
         except Exception as exc:
             if host is not None and host.broken is not None:
                 self._drop_host()  # hung, crashed or poisoned: never reused

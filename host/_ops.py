@@ -19,6 +19,7 @@ from typing import Any
 import PyKCS11
 from PyKCS11 import LowLevel
 
+from p11guard.host._fastcall import FastSigner, handle_value
 from p11guard.protocol import MECHANISMS, OPS, ckr_kind, ckr_name
 
 __all__ = ["BadRequest", "Host", "KeyInfo"]
@@ -70,6 +71,10 @@ class KeyInfo:
     handle: Any
     key_type: str
     sig_size: int
+    value: int = 0
+
+    def __post_init__(self) -> None:
+        self.value = handle_value(self.handle)
 
 
 def _arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
@@ -137,7 +142,9 @@ class Host:
         self.generation = generation
         self.fault_injection = fault_injection
         self.lib: Any = None
+        self.fast: FastSigner | None = None
         self.session: Any = None
+        self.session_value = 0
         self.slot: Any = None
         self.token_label: str | None = None
         self.mechanisms: set[int] = set()
@@ -172,6 +179,10 @@ class Host:
         lib = PyKCS11.PyKCS11Lib()
         lib.load(module_path)
         self.lib = lib
+        try:
+            self.fast = FastSigner(module_path)
+        except (OSError, AttributeError):
+            self.fast = None  # PyKCS11's path works for every module
 
     def handle(self, request: Any) -> dict[str, Any]:
         """Answer one decoded request with a reply map; never raises."""
@@ -338,6 +349,9 @@ class Host:
                 raise
         del pin
         self.session, self.slot, self.token_label = session, slot, token_label
+        self.session_value = handle_value(session.session)
+        if self.fast is not None and not self.fast.shares_state(self.session_value):
+            self.fast = None
         self.sessions_opened += 1
         self.mechanisms = {
             m for m in (PyKCS11.CKM.get(n) for n in self.lib.getMechanismList(slot)) if isinstance(m, int)
@@ -461,8 +475,14 @@ class Host:
             raise BadRequest(f"unknown mechanism {name!r} (known: {', '.join(sorted(MECHANISMS))})")
         key = self._key(label, self._sign_class(name))
         mech, payload, der = self._mechanism(name, key, data)
+        ckm = int(mech.to_native().mechanism)
+        if self.fast is not None and name != "rsa-pss-sha256":
+            # Two module calls, not three: the buffer is sized from the key, no size query.
+            rv, raw = self.fast.sign(self.session_value, ckm, key.value, payload, key.sig_size)
+            if rv:
+                raise PyKCS11.PyKCS11Error(rv)
+            return ecdsa_raw_to_der(raw) if der else raw
         low, h = self.session.lib, self.session.session
-        # Two module calls, not three: the buffer is sized from the key, no size query.
         rv = low.C_SignInit(h, mech.to_native(), key.handle)
         if rv != PyKCS11.CKR_OK:
             raise PyKCS11.PyKCS11Error(rv)
@@ -570,9 +590,7 @@ class Host:
             else:
                 curve = ec.SECP256R1() if key.key_type == "ec-p256" else ec.SECP384R1()
                 pub = ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
-        return bytes(
-            pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        )
+        return bytes(pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
     def _check_new_label(self, label: str) -> None:
         if not label or len(label) > 128:
@@ -613,9 +631,7 @@ class Host:
             priv += [(PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_RSA), (PyKCS11.CKA_DECRYPT, True)]
             mech = PyKCS11.Mechanism(PyKCS11.CKM_RSA_PKCS_KEY_PAIR_GEN)
         else:
-            raise BadRequest(
-                f"unknown key pair type {ktype!r} (known: ec-p256, ec-p384, rsa-2048, rsa-3072, ed25519)"
-            )
+            raise BadRequest(f"unknown key pair type {ktype!r} (known: ec-p256, ec-p384, rsa-2048, rsa-3072, ed25519)")
         self._check_new_label(label)
         self.session.generateKeyPair(pub, priv, mech)
         return {"label": label, "type": ktype, "id": key_id.hex()}

@@ -9,7 +9,9 @@ channel, and a broken host is never reused. This class is the one boundary where
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -17,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 import psutil
@@ -82,6 +84,7 @@ class HostProcess:
         self._popen: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._pidfd: int | None = None
+        self._poller: select.poll | None = None
         self._ids = itertools.count(1)
         self._call_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -243,9 +246,7 @@ class HostProcess:
 
     def open(self, token_label: str, pin: Secret, deadline_s: float) -> dict[str, Any]:
         """Find the token, open a session and log in (once: a PIN error is never retried)."""
-        result: dict[str, Any] = self.call(
-            "open", {"token_label": token_label, "pin": pin.reveal()}, deadline_s
-        )
+        result: dict[str, Any] = self.call("open", {"token_label": token_label, "pin": pin.reveal()}, deadline_s)
         return result
 
     def call(self, op: str, args: Mapping[str, Any] | None = None, deadline_s: float = 20.0) -> Any:
@@ -258,14 +259,10 @@ class HostProcess:
         reply = self._round_trip(op, args or {}, deadline_s)
         if "err" in reply:
             err = reply["err"]
-            raise remote_error(
-                err if isinstance(err, dict) else {}, op=op, pid=self.pid, generation=self.generation
-            )
+            raise remote_error(err if isinstance(err, dict) else {}, op=op, pid=self.pid, generation=self.generation)
         return reply.get("ok")
 
-    def call_batch(
-        self, items: Sequence[tuple[str, Mapping[str, Any]]], deadline_s: float = 20.0
-    ) -> list[Any]:
+    def call_batch(self, items: Sequence[tuple[str, Mapping[str, Any]]], deadline_s: float = 20.0) -> list[Any]:
         """Run many requests in one frame. Each result is a value or a :class:`RemoteError`."""
         payload = [{"op": op, "args": dict(args)} for op, args in items]
         results = self.call("batch", {"items": payload}, deadline_s)
@@ -288,18 +285,14 @@ class HostProcess:
             why, name = str(exc), "frame_too_large"
         except (TypeError, ValueError, OverflowError) as exc:
             why, name = f"cannot encode arguments: {exc}", "bad_request"
-        raise RequestError(
-            why, kind="bad_request", name=name, op=op, pid=self.pid, generation=self.generation
-        )
+        raise RequestError(why, kind="bad_request", name=name, op=op, pid=self.pid, generation=self.generation)
 
     def _round_trip(
         self, op: str, args: Mapping[str, Any] | None, deadline_s: float, raw: bytes | None = None
     ) -> dict[str, Any]:
         with self._call_lock:
             if self._broken is not None:
-                raise HostError(
-                    f"host is not usable ({self._broken})", pid=self.pid, generation=self.generation, op=op
-                )
+                raise HostError(f"host is not usable ({self._broken})", pid=self.pid, generation=self.generation, op=op)
             rid = next(self._ids)
             frame = raw if raw is not None else self._encode(rid, op, args or {})
             assert self._conn is not None
@@ -316,7 +309,13 @@ class HostProcess:
     def _wait_reply(self, rid: int | None, op: str, deadline_s: float) -> dict[str, Any]:
         assert self._conn is not None
         end = time.monotonic() + deadline_s
-        sentinels: list[Any] = [self._conn] + ([self._pidfd] if self._pidfd is not None else [])
+        conn_fd = self._conn.fileno()
+        if self._poller is None:
+            # One poll object per host, made once: wait() would build a selector per call.
+            self._poller = select.poll()
+            self._poller.register(conn_fd, select.POLLIN)
+            if self._pidfd is not None:
+                self._poller.register(self._pidfd, select.POLLIN)
         while True:
             remaining = end - time.monotonic()
             if remaining <= 0:
@@ -329,8 +328,9 @@ class HostProcess:
                 )
                 err.deadline_s = deadline_s
                 raise err
-            ready = wait(sentinels, remaining)
-            if self._conn in ready:
+            events = self._poller.poll(max(1, math.ceil(remaining * 1000)))
+            ready = {fd for fd, _ in events}
+            if conn_fd in ready:
                 try:
                     data = self._conn.recv_bytes(self.max_frame)
                 except (EOFError, ConnectionError) as exc:  # closed or reset: the host died

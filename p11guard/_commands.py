@@ -48,9 +48,7 @@ def _keygen(opts: argparse.Namespace) -> int:
         if opts.label in existing:
             have = existing[opts.label]["type"]
             if not opts.exist_ok:
-                raise UsageError(
-                    f"--label {opts.label!r} already exists ({have}); use --exist-ok to accept it"
-                )
+                raise UsageError(f"--label {opts.label!r} already exists ({have}); use --exist-ok to accept it")
             if have != opts.type:
                 raise UsageError(f"--label {opts.label!r} exists with type {have}, not {opts.type}")
             print(f"{opts.label} exists ({have}); nothing to do")
@@ -98,6 +96,14 @@ def _verify(opts: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def _chaos(opts: argparse.Namespace) -> int:
+    from p11guard._chaos import run_cli
+
+    if opts.duration < 5:
+        raise UsageError("--duration must be at least 5 seconds")
+    return run_cli(opts.duration, opts.seed, opts.json, opts.soak)
+
+
 def add_commands(sub: Any) -> None:
     """Register the HSM commands on the CLI's sub-parser set."""
 
@@ -134,6 +140,16 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--report", metavar="R.json", help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_sign)
+
+    p = sub.add_parser(
+        "chaos",
+        help="seeded fault schedule against a mixed workload on its own testbed; checks invariants",
+    )
+    p.add_argument("--duration", type=float, default=30.0, help="seconds (default 30)")
+    p.add_argument("--seed", type=int, default=1, help="the same seed gives the same schedule")
+    p.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    p.add_argument("--soak", action="store_true", help="record RSS each second; fail if it keeps growing")
+    p.set_defaults(func=_chaos)
 
     p = sub.add_parser("verify", help="check a signature file with no HSM (cryptography only)")
     p.add_argument("--in", dest="input", required=True, metavar="PATH")

@@ -59,9 +59,7 @@ class Config:
     def __repr__(self) -> str:
         # No secret is held here (only where to find the PIN), but keep it short.
         shown = ", ".join(
-            f"{f.name}={getattr(self, f.name)!r}"
-            for f in fields(self)
-            if f.name not in ("module_env", "source")
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name not in ("module_env", "source")
         )
         return f"Config({shown})"
 
@@ -84,9 +82,7 @@ class Config:
         return cls.from_dict(data, base_dir=p.resolve().parent, source=str(p))
 
     @classmethod
-    def from_dict(
-        cls, data: dict[str, Any], base_dir: Path | None = None, source: str | None = None
-    ) -> Config:
+    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None, source: str | None = None) -> Config:
         """Validate a parsed config (the TOML structure) and build a :class:`Config`."""
         for section, values in data.items():
             if section not in _SCHEMA:

@@ -59,8 +59,18 @@ def run(records: int, outage_s: float, work: Path, quiet: bool, say: Any) -> dic
         say(f"signing {records} records; the whole group is lost about a third of the way in ...")
         sign = subprocess.Popen(
             _cli(
-                "sign", "--config", config, "--key", "demo-key", "--in", str(data), "--out", str(out),
-                "--report", str(report), *(["--quiet"] if quiet else []),
+                "sign",
+                "--config",
+                config,
+                "--key",
+                "demo-key",
+                "--in",
+                str(data),
+                "--out",
+                str(out),
+                "--report",
+                str(report),
+                *(["--quiet"] if quiet else []),
             ),
             stdout=subprocess.DEVNULL if quiet else None,
         )

@@ -157,9 +157,7 @@ _KIND_CLASSES: dict[str, type[RemoteError]] = {
 }
 
 
-def remote_error(
-    err: dict[str, Any], *, op: str | None, pid: int | None, generation: int | None
-) -> RemoteError:
+def remote_error(err: dict[str, Any], *, op: str | None, pid: int | None, generation: int | None) -> RemoteError:
     """Build the exception for an error reply ``{kind, ckr, name, message}``."""
     kind = str(err.get("kind", "internal"))
     cls = _KIND_CLASSES.get(kind, InternalError)

@@ -177,21 +177,13 @@ class Guard:
     def submit_sign(self, key: str, data: bytes, mechanism: str = "ecdsa-sha256") -> Future[bytes]:
         return self._submit("sign", {"key": key, "data": data, "mechanism": mechanism})
 
-    def submit_verify(
-        self, key: str, data: bytes, signature: bytes, mechanism: str = "ecdsa-sha256"
-    ) -> Future[bool]:
-        return self._submit(
-            "verify", {"key": key, "data": data, "signature": signature, "mechanism": mechanism}
-        )
+    def submit_verify(self, key: str, data: bytes, signature: bytes, mechanism: str = "ecdsa-sha256") -> Future[bool]:
+        return self._submit("verify", {"key": key, "data": data, "signature": signature, "mechanism": mechanism})
 
-    def submit_encrypt(
-        self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b""
-    ) -> Future[bytes]:
+    def submit_encrypt(self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b"") -> Future[bytes]:
         return self._submit("encrypt", {"key": key, "data": data, "mechanism": mechanism, "aad": aad})
 
-    def submit_decrypt(
-        self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b""
-    ) -> Future[bytes]:
+    def submit_decrypt(self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b"") -> Future[bytes]:
         return self._submit("decrypt", {"key": key, "data": data, "mechanism": mechanism, "aad": aad})
 
     def submit_digest(self, data: bytes, mechanism: str = "sha256") -> Future[bytes]:
@@ -335,9 +327,7 @@ class Guard:
     async def alist_keys(self) -> list[dict[str, Any]]:
         return await self._await(self.submit_list_keys())
 
-    async def asign_many(
-        self, key: str, items: Iterable[bytes], mechanism: str = "ecdsa-sha256"
-    ) -> list[bytes]:
+    async def asign_many(self, key: str, items: Iterable[bytes], mechanism: str = "ecdsa-sha256") -> list[bytes]:
         futures = [f for _, f in self.submit_sign_many(key, items, mechanism)]
         out: list[bytes] = []
         for chunk in await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)):
@@ -380,9 +370,7 @@ class Guard:
                 pass  # not drained in time: what is left is failed by Finalize
             refs: list[Any] = []
             try:
-                refs = cast(
-                    list[Any], self._supervisor.ask(Finalize(min(2.0, self.config.probe_s)), timeout=10)
-                )
+                refs = cast(list[Any], self._supervisor.ask(Finalize(min(2.0, self.config.probe_s)), timeout=10))
             except Exception:
                 pass
             end = time.monotonic() + min(3.0, timeout)

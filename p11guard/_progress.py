@@ -48,8 +48,7 @@ class _Plain:
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         eta_text = f"{eta:.0f} s" if eta != float("inf") else "?"
         print(
-            f"{self.label}: {done}/{self.total} ({rate:.0f}/s, ETA {eta_text}) "
-            f"group {state}, recoveries {recoveries}",
+            f"{self.label}: {done}/{self.total} ({rate:.0f}/s, ETA {eta_text}) group {state}, recoveries {recoveries}",
             file=self.stream,
             flush=True,
         )

@@ -26,17 +26,13 @@ __all__ = ["VerifyReport", "run_verify", "verify_signature"]
 def verify_signature(public_key: Any, mechanism: str, signature: bytes, data: bytes) -> bool:
     """``True`` if ``signature`` over ``data`` is valid for ``public_key`` and ``mechanism``."""
     try:
-        if mechanism in ("ecdsa-sha256", "ecdsa-sha384") and isinstance(
-            public_key, ec.EllipticCurvePublicKey
-        ):
+        if mechanism in ("ecdsa-sha256", "ecdsa-sha384") and isinstance(public_key, ec.EllipticCurvePublicKey):
             digest = hashes.SHA256() if mechanism == "ecdsa-sha256" else hashes.SHA384()
             public_key.verify(signature, data, ec.ECDSA(digest))
         elif mechanism == "rsa-pkcs1-sha256" and isinstance(public_key, rsa.RSAPublicKey):
             public_key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
         elif mechanism == "rsa-pss-sha256" and isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(
-                signature, data, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256()
-            )
+            public_key.verify(signature, data, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
         elif mechanism == "ed25519" and isinstance(public_key, ed25519.Ed25519PublicKey):
             public_key.verify(signature, data)
         else:
@@ -60,12 +56,7 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return self.valid == self.records and not (
-            self.missing
-            or self.duplicate
-            or self.invalid
-            or self.tampered
-            or self.unknown
-            or self.malformed_lines
+            self.missing or self.duplicate or self.invalid or self.tampered or self.unknown or self.malformed_lines
         )
 
     def summary(self) -> str:

@@ -31,8 +31,7 @@ def _testbed(opts: argparse.Namespace) -> int:
     elif opts.action == "down":
         if not bed.state_path.exists():
             raise UsageError(
-                f"no testbed in {bed.dir} (nothing to stop); "
-                f"start one with: p11guard testbed up --dir {opts.dir}"
+                f"no testbed in {bed.dir} (nothing to stop); start one with: p11guard testbed up --dir {opts.dir}"
             )
         bed.down()
         print(f"testbed in {bed.dir} stopped")
@@ -42,9 +41,7 @@ def _testbed(opts: argparse.Namespace) -> int:
         ms: float | None = None
         if opts.fault == "latency":
             if opts.ms is None:
-                raise UsageError(
-                    "latency needs milliseconds, e.g. `p11guard testbed fault --dir D latency 2`"
-                )
+                raise UsageError("latency needs milliseconds, e.g. `p11guard testbed fault --dir D latency 2`")
             try:
                 ms = float(opts.ms)
             except ValueError:

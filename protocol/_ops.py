@@ -13,9 +13,7 @@ __all__ = [
 ]
 
 #: Operations that can be repeated without changing the token: retried after a loss.
-IDEMPOTENT_OPS = frozenset(
-    {"sign", "verify", "encrypt", "decrypt", "digest", "random", "public_key", "list_keys"}
-)
+IDEMPOTENT_OPS = frozenset({"sign", "verify", "encrypt", "decrypt", "digest", "random", "public_key", "list_keys"})
 #: Operations that change the token: never retried blindly (``OutcomeUnknown``).
 TOKEN_CHANGING_OPS = frozenset({"generate_key_pair", "generate_secret", "destroy"})
 #: Control operations, handled by the host itself.

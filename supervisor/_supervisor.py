@@ -27,6 +27,7 @@ from p11guard._errors import (
     ConfigError,
     GuardClosed,
     GuardFailed,
+    HostCrashed,
     HostError,
     ModuleLoadError,
     OpTimeout,
@@ -356,7 +357,10 @@ class Supervisor(pykka.ThreadingActor):
             self.inflight[job.seq] = _InFlight(self.generation, wid, job)
             slot.ref.tell(RunJob(job))
 
-    def _settle(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
+    def _settle(self, job: Job, result: Any = None, error: BaseException | None = None, settled: bool = False) -> None:
+        if settled:  # the worker set the result itself
+            self.counters.ops_ok += len(job.items) if job.items else 1
+            return
         if job.future.done():
             return
         if error is None:
@@ -369,25 +373,21 @@ class Supervisor(pykka.ThreadingActor):
                 self.counters.outcome_unknown += 1
 
     def _expire(self, job: Job) -> None:
-        self._settle(
-            job, error=OpTimeout(job.name, self.config.op_deadline_s, str(self.state), job.last_error)
-        )
+        self._settle(job, error=OpTimeout(job.name, self.config.op_deadline_s, str(self.state), job.last_error))
 
     def _lost_in_flight(self, job: Job, error: BaseException) -> None:
         """A job whose worker hit a loss signal (or was killed under it)."""
         if self.state == State.FAILED:
             self._settle(job, error=GuardFailed(self.failed_reason or "failed"))
         elif self.closing:
-            self._settle(
-                job, error=GuardClosed(f"the guard closed while {job.name} was in flight ({_short(error)})")
-            )
+            self._settle(job, error=GuardClosed(f"the guard closed while {job.name} was in flight ({_short(error)})"))
         elif not job.idempotent:
-            self._settle(
-                job, error=OutcomeUnknown(job.op, job.label, f"a loss signal arrived ({_short(error)})")
-            )
+            self._settle(job, error=OutcomeUnknown(job.op, job.label, f"a loss signal arrived ({_short(error)})"))
         elif time.monotonic() >= job.deadline:
             job.last_error = _short(error)
             self._expire(job)
+        elif self.config.policy == "fail_fast" and self.state not in _DISPATCHING:
+            self._settle(job, error=OutOfService(str(self.state), job.op))
         else:
             job.last_error = _short(error)
             self.counters.ops_retried += len(job.items) if job.items else 1
@@ -408,7 +408,7 @@ class Supervisor(pykka.ThreadingActor):
             slot.job = None
             slot.ops += len(msg.job.items) if msg.job.items else 1
         if msg.error is None:
-            self._settle(msg.job, result=msg.result)
+            self._settle(msg.job, result=msg.result, settled=msg.settled)
             if current:
                 assert slot is not None
                 slot.status = "idle"
@@ -432,6 +432,18 @@ class Supervisor(pykka.ThreadingActor):
         now = time.monotonic()
         while self.queue and now >= self.queue[0].deadline:
             self._expire(self.queue.popleft())
+        if self.state in _DISPATCHING:
+            # An idle worker's host that died (killed, OOM...) is noticed now, not by the
+            # next job that would meet it.
+            for slot in self.slots.values():
+                host = self.registry.get(f"worker-{slot.wid}")
+                if slot.status == "idle" and (host is None or not host.alive):
+                    crash = HostCrashed(
+                        f"idle host exited with {host.exitcode if host else None}",
+                        pid=slot.pid,
+                        generation=self.generation,
+                    )
+                    self._suspect(slot, crash)
         if (
             self.state in _DISPATCHING
             and self.health is not None
@@ -448,9 +460,7 @@ class Supervisor(pykka.ThreadingActor):
         for wid in range(self.config.workers):
             slot = WorkerSlot(wid, self.generation)
             self.slots[wid] = slot
-            slot.ref = CryptoWorker.start(
-                wid, self.generation, self.config, self._pin, self.actor_ref, self.registry
-            )
+            slot.ref = CryptoWorker.start(wid, self.generation, self.config, self._pin, self.actor_ref, self.registry)
 
     def _on_worker_ready(self, msg: WorkerReady) -> None:
         slot = self.slots.get(msg.wid)
@@ -481,15 +491,13 @@ class Supervisor(pykka.ThreadingActor):
         if isinstance(msg.error, AuthError | ModuleLoadError):
             self._fail(f"worker {msg.wid} could not log in: {msg.error}", msg.error)
             return
-        slot.fail_streak += 1
-        if self.state == State.STARTING and all(
-            s.status == "suspect" or s is slot for s in self.slots.values()
-        ):
+        if self.state == State.STARTING and all(s.status == "suspect" or s is slot for s in self.slots.values()):
             self._fail(f"no worker could start: {msg.error}", msg.error)
             return
         self._suspect(slot, msg.error)
 
     def _suspect(self, slot: WorkerSlot, error: BaseException) -> None:
+        slot.fail_streak += 1  # reset by a job that succeeds: renewals back off until then
         slot.status = "suspect"
         slot.errors += 1
         slot.last_error = _short(error)
@@ -512,9 +520,7 @@ class Supervisor(pykka.ThreadingActor):
             slot.ref.tell(Renew(self._pin, new_host=slot.last_error_kind != "session"))
         else:
             slot.status = "starting"
-            slot.ref = CryptoWorker.start(
-                wid, self.generation, self.config, self._pin, self.actor_ref, self.registry
-            )
+            slot.ref = CryptoWorker.start(wid, self.generation, self.config, self._pin, self.actor_ref, self.registry)
 
     def _on_worker_stopped(self, msg: WorkerStopped) -> None:
         for seq, entry in list(self.inflight.items()):
@@ -542,9 +548,7 @@ class Supervisor(pykka.ThreadingActor):
         slot.status = "renewing"
         delay = 0.0
         if slot.fail_streak > 1:
-            delay = min(
-                self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** (slot.fail_streak - 2)
-            )
+            delay = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** (slot.fail_streak - 2))
         if delay:
             self._after(delay * random.uniform(0.5, 1.0), RenewAttempt(slot.wid, self.generation))
         else:
@@ -616,9 +620,7 @@ class Supervisor(pykka.ThreadingActor):
                     self.config.backoff_initial_s * 2 ** (self.recovery_attempt - 1),
                 )
                 delay *= random.uniform(0.5, 1.0)  # jitter: many clients must not retry in step
-                log.debug(
-                    "recovery probe %d failed (%s); next in %.3f s", self.recovery_attempt, res.error, delay
-                )
+                log.debug("recovery probe %d failed (%s); next in %.3f s", self.recovery_attempt, res.error, delay)
                 self._after(delay, RecoveryAttempt(self.generation))
 
     def _stop_workers(self) -> None:
@@ -641,6 +643,10 @@ class Supervisor(pykka.ThreadingActor):
             self._fail_queue(GuardClosed("the guard closed while the group was lost"))
             self._maybe_closed()
             return
+        if self.config.policy == "fail_fast":  # nothing waits for the group: answer now
+            while self.queue:
+                job = self.queue.popleft()
+                self._settle(job, error=OutOfService(str(self.state), job.op))
         self.generation += 1
         self.shared.generation = self.generation
         self.recovery_attempt = 0

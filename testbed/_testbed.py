@@ -62,9 +62,7 @@ def find_tools() -> dict[str, str]:
         glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so") + glob.glob("/usr/lib/pkcs11/p11-kit-client.so"),
     )
     missing = [
-        name
-        for name, path in (("softhsm2", softhsm), ("p11-kit", p11kit), ("p11-kit-modules", client))
-        if not path
+        name for name, path in (("softhsm2", softhsm), ("p11-kit", p11kit), ("p11-kit-modules", client)) if not path
     ]
     if missing:
         raise TestbedError(f"missing Debian packages: {', '.join(missing)}; {_INSTALL_HINT}")
@@ -89,9 +87,7 @@ def _alive(pid: int | None, created: float | None) -> bool:
         return False
     try:
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and (
-            created is None or abs(proc.create_time() - created) < 0.01
-        )
+        return proc.status() != psutil.STATUS_ZOMBIE and (created is None or abs(proc.create_time() - created) < 0.01)
     except psutil.Error:
         return False
 
@@ -262,8 +258,7 @@ class Testbed:
         shutil.rmtree(tokens, ignore_errors=True)  # a half-made token from an interrupted run
         tokens.mkdir(parents=True, exist_ok=True)
         self.softhsm_conf.write_text(
-            f"directories.tokendir = {tokens}\nobjectstore.backend = file\n"
-            "log.level = ERROR\nslots.removable = false\n"
+            f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n"
         )
         user, so = secrets.token_hex(8), secrets.token_hex(8)
         for path, value in ((self.pin_path, user), (self.dir / "so.pin", so)):
@@ -313,9 +308,7 @@ class Testbed:
 
         def ready() -> bool:
             if proc.poll() is not None:
-                raise TestbedError(
-                    f"p11-kit server exited with {proc.returncode}; see {self.dir / 'server.log'}"
-                )
+                raise TestbedError(f"p11-kit server exited with {proc.returncode}; see {self.dir / 'server.log'}")
             return os.path.exists(state["server_socket"])
 
         _wait_for(ready, timeout, "p11-kit server")

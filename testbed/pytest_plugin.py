@@ -1,21 +1,121 @@
-"""pytest fixtures for a running simulated HSM group.
+"""pytest fixtures that make the HSM fail on purpose.
 
-Registered through the ``pytest11`` entry point, so any project that installs p11guard
-can use them:
+Registered through the ``pytest11`` entry point: any project that installs p11guard has
+them, no ``conftest.py`` needed.
 
-- ``hsm_group_session``: one :class:`~p11guard.testbed.Testbed` for the whole session,
+- ``hsm_group_session``: one running :class:`~p11guard.testbed.Testbed` for the session,
   always torn down at the end.
-- ``hsm_group``: the same testbed for one test; after the test every fault is cleared
-  (``restore``, ``latency 0``, server started again) so tests do not leak faults.
+- ``hsm_group``: that testbed for one test; every fault is cleared afterwards.
+- ``guard``: a :class:`~p11guard.Guard` on it (fault injection on, short timeouts), closed
+  after the test.
+- ``hsm_faults``: :class:`HsmFaults` -- ``lose()``, ``restore()``, ``hang()``,
+  ``latency(ms)``, ``outage(seconds)``, and per worker host ``kill_host()``,
+  ``hang_host()``, ``fail_next()``.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
+from p11guard._config import Config
+from p11guard._guard import Guard
 from p11guard.testbed._testbed import Testbed
+
+__all__ = ["HsmFaults"]
+
+
+class HsmFaults:
+    """Faults for the group (through the testbed) and for one worker's host (through the guard).
+
+    Args:
+        bed: the running testbed.
+        guard: the guard whose hosts ``kill_host``/``hang_host``/``fail_next`` act on.
+    """
+
+    def __init__(self, bed: Testbed, guard: Guard | None = None) -> None:
+        self.bed = bed
+        self.guard = guard
+
+    # -- the whole group ------------------------------------------------------------------
+
+    def lose(self) -> None:
+        """Every member gone: connections closed, new ones refused."""
+        self.bed.fault("lose")
+
+    def restore(self) -> None:
+        """The group answers again."""
+        self.bed.fault("restore")
+
+    def hang(self) -> None:
+        """Connections stay open, nothing is answered (calls block)."""
+        self.bed.fault("hang")
+
+    def latency(self, ms: float) -> None:
+        """Add ``ms`` milliseconds one way to every exchange (``0`` clears it)."""
+        self.bed.fault("latency", ms)
+
+    @contextmanager
+    def outage(self, seconds: float) -> Iterator[None]:
+        """``with hsm_faults.outage(3): ...`` -- lose the group now, restore it after
+        ``seconds`` (in the background, so the body may block on the guard), and at the
+        latest when the block ends."""
+        restored = threading.Event()
+
+        def restore() -> None:
+            if not restored.is_set():
+                restored.set()
+                self.restore()
+
+        self.lose()
+        timer = threading.Timer(seconds, restore)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            restore()
+
+    # -- one worker's host ----------------------------------------------------------------
+
+    def _guard(self) -> Guard:
+        if self.guard is None:
+            raise RuntimeError("per-host faults need the `guard` fixture (or HsmFaults(bed, guard))")
+        return self.guard
+
+    def _workers(self, worker: int | None) -> list[int]:
+        guard = self._guard()
+        if worker is not None:
+            return [worker]
+        return sorted(int(name.split("-")[1]) for name in guard.host_pids() if name.startswith("worker-"))
+
+    def kill_host(self, worker: int | None = None) -> list[int]:
+        """SIGKILL the host of ``worker`` (default: every worker); returns the pids killed."""
+        pids = self._guard().host_pids()
+        killed = []
+        for wid in self._workers(worker):
+            pid = pids.get(f"worker-{wid}")
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        return killed
+
+    def hang_host(self, seconds: float, worker: int | None = None) -> None:
+        """The next call of the worker's host hangs ``seconds`` inside the module call path."""
+        for wid in self._workers(worker):
+            self._guard().inject_fault(wid, "hang", seconds=seconds)
+
+    def fail_next(self, ckr: int, count: int = 1, ops: list[str] | None = None, worker: int | None = None) -> None:
+        """The next ``count`` calls (of ``ops``, default any) of the worker's host fail with ``ckr``."""
+        for wid in self._workers(worker):
+            self._guard().inject_fault(wid, "fail_next", ckr=ckr, count=count, ops=ops)
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +138,30 @@ def hsm_group(hsm_group_session: Testbed) -> Iterator[Testbed]:
         bed.fault("restore")
         bed.fault("latency", 0)
         bed.fault("start-server")
+
+
+@pytest.fixture
+def guard(hsm_group: Testbed) -> Iterator[Guard]:
+    """A Guard on the testbed: 2 workers, fault injection on, timeouts short enough for tests."""
+    config = Config.from_file(hsm_group.config_path).replace(
+        workers=2,
+        fault_injection=True,
+        call_s=3.0,
+        probe_s=1.0,
+        probe_interval_s=1.0,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.5,
+        op_deadline_s=60.0,
+    )
+    g = Guard(config)
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+@pytest.fixture
+def hsm_faults(hsm_group: Testbed, request: pytest.FixtureRequest) -> HsmFaults:
+    """Faults on the testbed, and on the hosts of the ``guard`` fixture if the test uses it."""
+    g: Any = request.getfixturevalue("guard") if "guard" in request.fixturenames else None
+    return HsmFaults(hsm_group, g)

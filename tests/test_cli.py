@@ -94,10 +94,7 @@ def test_sign_lines_then_resume_skips(
     first = json.loads(out.read_text().splitlines()[0])
     assert first["id"] == "1" and first["mechanism"] == "ecdsa-sha256" and first["key"] == EC_KEY
     assert "records 300, valid 300, missing 0, duplicate 0" in _verify(source, out, pub, capsys)
-    assert (
-        main(["sign", "--config", config, "--key", EC_KEY, "--in", str(source), "--out", str(out), "--quiet"])
-        == 0
-    )
+    assert main(["sign", "--config", config, "--key", EC_KEY, "--in", str(source), "--out", str(out), "--quiet"]) == 0
     assert "signed 0, skipped 300" in capsys.readouterr().out
     assert _lines(out) == 300
 
@@ -208,9 +205,7 @@ def test_kill_9_then_rerun_is_exactly_once(
     _verify(source, out, pub, capsys)
 
 
-def test_group_loss_mid_run(
-    group: Testbed, pub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_group_loss_mid_run(group: Testbed, pub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     n = 3000
     source, out, report = _records_file(tmp_path, n), tmp_path / "sigs.jsonl", tmp_path / "r.json"
     proc = subprocess.Popen(_sign_cmd(group.config_path, source, out, "--report", str(report)))

@@ -73,17 +73,13 @@ def test_sign_verifies_with_cryptography(open_host: HostProcess, key: str, mecha
     sig = open_host.call("sign", {"key": key, "data": data, "mechanism": mechanism})
     _verify(open_host.call("public_key", {"key": key}), sig, data, mechanism)
     assert open_host.call("verify", {"key": key, "data": data, "signature": sig, "mechanism": mechanism})
-    assert not open_host.call(
-        "verify", {"key": key, "data": data + b"x", "signature": sig, "mechanism": mechanism}
-    )
+    assert not open_host.call("verify", {"key": key, "data": data + b"x", "signature": sig, "mechanism": mechanism})
 
 
 def test_hmac_aes_digest_random(open_host: HostProcess) -> None:
     mac = open_host.call("sign", {"key": "test-hmac", "data": b"m", "mechanism": "hmac-sha256"})
     assert len(mac) == 32
-    assert open_host.call(
-        "verify", {"key": "test-hmac", "data": b"m", "signature": mac, "mechanism": "hmac-sha256"}
-    )
+    assert open_host.call("verify", {"key": "test-hmac", "data": b"m", "signature": mac, "mechanism": "hmac-sha256"})
     ct = open_host.call("encrypt", {"key": "test-aes", "data": b"secret", "aad": b"hdr"})
     assert len(ct) == 12 + 6 + 16 and b"secret" not in ct
     assert open_host.call("decrypt", {"key": "test-aes", "data": ct, "aad": b"hdr"}) == b"secret"
@@ -144,9 +140,7 @@ def test_crash_is_reported_with_signal_or_code(open_host: HostProcess, how: str,
         ({"op": "sign", "args": "not a map"}, "'args' must be a map"),
     ],
 )
-def test_bad_requests_get_clear_errors_and_host_survives(
-    open_host: HostProcess, request_: dict, match: str
-) -> None:
+def test_bad_requests_get_clear_errors_and_host_survives(open_host: HostProcess, request_: dict, match: str) -> None:
     reply = open_host.send_raw(encode({"id": 7, "gen": 0, **request_}))
     assert reply["err"]["kind"] == "bad_request"
     assert match in reply["err"]["message"]
@@ -258,9 +252,7 @@ def test_stale_generation_is_refused(direct_config: Config, bed: Testbed) -> Non
     host = spawn_host(direct_config, generation=3)
     try:
         host.open(bed.token_label, bed.pin, 10)
-        reply = host.send_raw(
-            encode({"id": 1, "gen": 2, "op": "sign", "args": {"key": "test-ec", "data": b"x"}})
-        )
+        reply = host.send_raw(encode({"id": 1, "gen": 2, "op": "sign", "args": {"key": "test-ec", "data": b"x"}}))
         assert reply["err"]["kind"] == "stale_generation"
         assert "generation 2 refused by a host of generation 3" in reply["err"]["message"]
         from p11guard._errors import remote_error
@@ -317,9 +309,7 @@ def test_group_loss_through_testbed(net_host: HostProcess, group: Testbed) -> No
     assert info.value.ckr == 0x30 and info.value.kind == "group_loss"
 
 
-def test_hang_passes_deadline_and_kill_is_fast(
-    net_host: HostProcess, net_config: Config, group: Testbed
-) -> None:
+def test_hang_passes_deadline_and_kill_is_fast(net_host: HostProcess, net_config: Config, group: Testbed) -> None:
     group.fault("hang")
     with pytest.raises(HostTimeout) as info:
         net_host.call("sign", {"key": "test-ec", "data": b"x"}, deadline_s=0.5)

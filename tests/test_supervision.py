@@ -303,9 +303,7 @@ def test_old_generation_never_reaches_new_hosts(net_config: Config, group: Testb
         wait_until(lambda: g.state == "SERVING", 15, "SERVING")
         hosts = g._registry.hosts()
         assert hosts and all(h.generation == 1 for h in hosts)
-        reply = hosts[0].send_raw(
-            encode({"id": 99, "gen": 0, "op": "sign", "args": {"key": EC_KEY, "data": b"stale"}})
-        )
+        reply = hosts[0].send_raw(encode({"id": 99, "gen": 0, "op": "sign", "args": {"key": EC_KEY, "data": b"stale"}}))
         assert reply["err"]["kind"] == "stale_generation"
 
 

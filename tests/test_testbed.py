@@ -25,9 +25,7 @@ def test_fresh_client_signs_and_cryptography_verifies(net_host: HostProcess) -> 
     pub.verify(sig, b"through the proxy", ec.ECDSA(hashes.SHA256()))
 
 
-def test_after_lose_restore_old_client_needs_reinit(
-    net_host: HostProcess, net_config: Config, group: Testbed
-) -> None:
+def test_after_lose_restore_old_client_needs_reinit(net_host: HostProcess, net_config: Config, group: Testbed) -> None:
     group.fault("lose")
     group.fault("restore")
     # The library instance that was connected keeps failing with CKR_DEVICE_ERROR...
@@ -141,9 +139,7 @@ def test_cli_fault_and_down_without_testbed(tmp_path: Path, capsys: pytest.Captu
         "no testbed is running",
         "testbed up --dir",
     )
-    _one_line_error(
-        capsys, main(["testbed", "down", "--dir", str(tmp_path)]), "no testbed", "testbed up --dir"
-    )
+    _one_line_error(capsys, main(["testbed", "down", "--dir", str(tmp_path)]), "no testbed", "testbed up --dir")
 
 
 def test_cli_unknown_fault(bed: Testbed, capsys: pytest.CaptureFixture[str]) -> None:
