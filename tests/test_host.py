@@ -384,3 +384,18 @@ def test_channel_poisoned_error_reads_well() -> None:
 
     again = pickle.loads(pickle.dumps(err))
     assert again.pid == 12 and str(again) == str(err)
+
+
+def test_host_ignores_sigint(open_host: HostProcess) -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides, not the host.
+    os.kill(open_host.pid or 0, signal.SIGINT)
+    assert len(open_host.call("random", {"n": 4})) == 4 and open_host.alive
+
+
+def test_fast_sign_path_is_used_directly_and_not_through_rpc(open_host: HostProcess, net_host: HostProcess) -> None:
+    # SoftHSM2 in-process: signing goes through the module's own function list (ctypes);
+    # p11-kit-client hands out a fresh instance per C_GetFunctionList: PyKCS11's path is kept.
+    # Both must give signatures that verify.
+    for host in (open_host, net_host):
+        sig = host.call("sign", {"key": "test-ec", "data": b"fast?"})
+        _verify(host.call("public_key", {"key": "test-ec"}), sig, b"fast?", "ecdsa-sha256")
