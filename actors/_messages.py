@@ -172,6 +172,3 @@ class HostRegistry:
         """Kill the given hosts (default: all of them), process trees and all."""
         for host in list(hosts) if hosts is not None else self.hosts():
             host.kill()
-
-    def kill_generation(self, generation: int) -> None:
-        self.kill(h for h in self.hosts() if h.generation <= generation)

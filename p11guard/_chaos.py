@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p11guard._config import Config
 from p11guard._errors import UserError
 from p11guard._guard import Guard
 from p11guard._verify import verify_signature
@@ -259,25 +258,10 @@ def run(seed: int, duration_s: float, soak: bool, say: Any, workdir: Path) -> di
     bed.up()
     rss: list[dict[str, Any]] = []
     try:
-        config = Config.from_file(bed.config_path).replace(
-            workers=3,
-            call_s=1.5,
-            probe_s=1.0,
-            probe_interval_s=0.5,
-            backoff_initial_s=0.05,
-            backoff_max_s=0.5,
-            op_deadline_s=60.0,
-            fault_injection=True,
-        )
+        config = bed.client_config(workers=3, call_s=1.5, probe_interval_s=0.5)
+        bed.ensure_keys({"chaos-ec": "ec-p256", "chaos-aes": "aes-256", "chaos-hmac": "hmac-sha256"})
         host = HostProcess.spawn(config.module_path, env=config.module_env)
         host.open(bed.token_label, bed.pin, 30)
-        have = {k["label"] for k in host.call("list_keys")}
-        if "chaos-ec" not in have:
-            host.call("generate_key_pair", {"label": "chaos-ec", "type": "ec-p256"})
-        if "chaos-aes" not in have:
-            host.call("generate_secret", {"label": "chaos-aes", "type": "aes-256"})
-        if "chaos-hmac" not in have:
-            host.call("generate_secret", {"label": "chaos-hmac", "type": "hmac-sha256"})
         pem = host.call("public_key", {"key": "chaos-ec"})
         try:
             host.call("encrypt", {"key": "chaos-aes", "data": b"probe"})

@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from p11guard._config import Config
 from p11guard._errors import P11GuardError
 from p11guard._secret import Secret
 
@@ -343,6 +344,43 @@ class Testbed:
         try:
             host.open(self.token_label, self.pin, timeout)
             host.call("random", {"n": 16}, timeout)
+        finally:
+            host.close()
+
+    def client_config(self, direct: bool = False, **changes: Any) -> Config:
+        """A validated client config for tests and tools: short timeouts, fault injection on.
+
+        Args:
+            direct: SoftHSM2 in-process instead of through the fault proxy.
+            changes: any :class:`~p11guard.Config` field to override.
+        """
+        path = self.direct_config_path if direct else self.config_path
+        defaults: dict[str, Any] = {
+            "workers": 2,
+            "call_s": 3.0,
+            "probe_s": 1.0,
+            "probe_interval_s": 0.5,
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.5,
+            "op_deadline_s": 60.0,
+            "fault_injection": True,
+        }
+        return Config.from_file(path).replace(**{**defaults, **changes})
+
+    def ensure_keys(self, keys: dict[str, str]) -> None:
+        """Create each ``label: type`` that is missing (key pairs and secrets alike)."""
+        from p11guard.host import HostProcess
+        from p11guard.protocol import SECRET_TYPES
+
+        config = Config.from_file(self.direct_config_path)
+        host = HostProcess.spawn(config.module_path, env=config.module_env)
+        try:
+            host.open(self.token_label, self.pin, 30)
+            have = {k["label"] for k in host.call("list_keys")}
+            for label, ktype in keys.items():
+                if label not in have:
+                    op = "generate_secret" if ktype in SECRET_TYPES else "generate_key_pair"
+                    host.call(op, {"label": label, "type": ktype}, 120)
         finally:
             host.close()
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from p11guard._config import Config
 from p11guard._guard import Guard
 from p11guard.testbed._testbed import Testbed
 
@@ -143,16 +142,7 @@ def hsm_group(hsm_group_session: Testbed) -> Iterator[Testbed]:
 @pytest.fixture
 def guard(hsm_group: Testbed) -> Iterator[Guard]:
     """A Guard on the testbed: 2 workers, fault injection on, timeouts short enough for tests."""
-    config = Config.from_file(hsm_group.config_path).replace(
-        workers=2,
-        fault_injection=True,
-        call_s=3.0,
-        probe_s=1.0,
-        probe_interval_s=1.0,
-        backoff_initial_s=0.05,
-        backoff_max_s=0.5,
-        op_deadline_s=60.0,
-    )
+    config = hsm_group.client_config()
     g = Guard(config)
     try:
         yield g

@@ -40,21 +40,7 @@ def gone(pid: int) -> bool:
 @pytest.fixture(scope="session")
 def bed(hsm_group_session: Testbed) -> Testbed:
     """The session testbed, with the test keys created once."""
-    host = HostProcess.spawn(
-        Config.from_file(hsm_group_session.direct_config_path).module_path,
-        env={"SOFTHSM2_CONF": str(hsm_group_session.softhsm_conf)},
-    )
-    try:
-        host.open(hsm_group_session.token_label, hsm_group_session.pin, 10)
-        have = {k["label"] for k in host.call("list_keys")}
-        for label, ktype in KEYS.items():
-            if label not in have:
-                host.call("generate_key_pair", {"label": label, "type": ktype}, 60)
-        for label, ktype in SECRETS.items():
-            if label not in have:
-                host.call("generate_secret", {"label": label, "type": ktype}, 60)
-    finally:
-        host.close()
+    hsm_group_session.ensure_keys({**KEYS, **SECRETS})
     return hsm_group_session
 
 
@@ -67,15 +53,7 @@ def group(bed: Testbed, hsm_group: Testbed) -> Iterator[Testbed]:
 @pytest.fixture
 def net_config(group: Testbed) -> Config:
     """Config through the fault proxy, with short timeouts for tests."""
-    return Config.from_file(group.config_path).replace(
-        workers=2,
-        call_s=3.0,
-        probe_s=1.0,
-        probe_interval_s=0.5,
-        backoff_initial_s=0.05,
-        backoff_max_s=0.3,
-        op_deadline_s=30.0,
-    )
+    return group.client_config(backoff_max_s=0.3, op_deadline_s=30.0)
 
 
 @pytest.fixture
