@@ -286,7 +286,7 @@ def run(seed: int, duration_s: float, soak: bool, say: Any, workdir: Path) -> di
             while time.monotonic() - start < fault.at_s:
                 pids |= set(guard.host_pids().values())
                 if soak:
-                    rss.append(_rss_sample(guard, start))
+                    _maybe_sample(rss, guard, start)
                 time.sleep(min(0.25, max(0.0, fault.at_s - (time.monotonic() - start))))
             say(f"t={time.monotonic() - start:6.2f}s inject {fault.kind}")
             _apply(fault, bed, guard)
@@ -294,7 +294,7 @@ def run(seed: int, duration_s: float, soak: bool, say: Any, workdir: Path) -> di
         while time.monotonic() - start < duration_s:
             pids |= set(guard.host_pids().values())
             if soak:
-                rss.append(_rss_sample(guard, start))
+                _maybe_sample(rss, guard, start)
             time.sleep(0.25)
         # let the last fault heal, then stop the load
         end = time.monotonic() + 15
@@ -342,6 +342,12 @@ def _not_zombie(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _maybe_sample(rss: list[dict[str, Any]], guard: Guard, start: float) -> None:
+    """One RSS sample a second."""
+    if not rss or time.monotonic() - start - rss[-1]["t"] >= 1.0:
+        rss.append(_rss_sample(guard, start))
 
 
 def _rss_sample(guard: Guard, start: float) -> dict[str, Any]:

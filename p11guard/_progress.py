@@ -64,19 +64,15 @@ class _Rich:
             BarColumn,
             MofNCompleteColumn,
             Progress,
-            TaskProgressColumn,
             TextColumn,
-            TimeElapsedColumn,
             TimeRemainingColumn,
         )
 
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             MofNCompleteColumn(),
-            TaskProgressColumn(),
             TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             TextColumn("{task.fields[state]}"),
@@ -84,7 +80,7 @@ class _Rich:
             transient=False,
         )
         self._start = time.monotonic()
-        self._task: Any = self._progress.add_task(label, total=total, rate="", state="")
+        self._task: Any = self._progress.add_task(label.replace("signing with ", ""), total=total, rate="", state="")
         self._progress.start()
 
     def update(self, done: int, state: str, recoveries: int) -> None:
