@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,58 @@ KEYS = {
 # -- one case, in its own process -------------------------------------------------------------
 
 
+def _measure(
+    a: dict[str, Any],
+    threads: int,
+    prepare: Callable[[int], Any],
+    step: Callable[[Any, int, int], int],
+) -> dict[str, Any]:
+    """Run ``step`` from ``threads`` threads after a warm-up; the rate of whole steps.
+
+    ``prepare(i)`` runs in thread ``i`` before the clock starts (sessions, keys);
+    ``step(ctx, i, n)`` does some work and returns how many operations it did.
+    """
+    events: list[tuple[float, float, int]] = []
+    latencies: list[float] = []
+    start_evt, deadline = threading.Event(), [0.0, 0.0]
+    ready = threading.Barrier(threads + 1)
+
+    def run(i: int) -> None:
+        ctx = prepare(i)
+        ready.wait()
+        start_evt.wait()
+        n = 0
+        # to the deadline, and at least one whole step after the warm-up
+        while (now := time.perf_counter()) < deadline[0] or (now >= deadline[1] and not events):
+            done = step(ctx, i, n)
+            end = time.perf_counter()
+            if a.get("latency") and i == 0:
+                latencies.append(end - now)
+            n += 1
+            if now >= deadline[1]:
+                events.append((now, end, done))
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for th in ts:
+        th.start()
+    ready.wait()
+    t0 = time.perf_counter()
+    deadline[:] = [t0 + a["warmup"] + a["seconds"], t0 + a["warmup"]]
+    start_evt.set()
+    for th in ts:
+        th.join()
+    span = max(e[1] for e in events) - min(e[0] for e in events) if events else 0.0
+    return {
+        "ops_per_s": sum(e[2] for e in events) / span if span > 0 else 0.0,
+        "latencies": latencies[len(latencies) // 10 :],
+    }
+
+
+def _payload(a: dict[str, Any], i: int, n: int) -> bytes:
+    msg = b"record %d-%d" % (i, n)
+    return hashlib.sha256(msg).digest() if a["mech"] == "ecdsa" else msg  # raw ECDSA: hash first
+
+
 def _case_pykcs11(a: dict[str, Any]) -> dict[str, Any]:
     import PyKCS11
 
@@ -44,37 +97,20 @@ def _case_pykcs11(a: dict[str, Any]) -> dict[str, Any]:
     first = lib.openSession(slot, flags)
     first.login(a["pin"])
     label = KEYS[a["mech"]][0]
-    mech = (
-        PyKCS11.Mechanism(PyKCS11.CKM_ECDSA) if a["mech"] == "ecdsa" else PyKCS11.Mechanism(PyKCS11.CKM_SHA256_RSA_PKCS)
-    )
-    counts = [0] * a["threads"]
-    latencies: list[float] = []
-    start_evt, deadline = threading.Event(), [0.0]
+    ckm = PyKCS11.CKM_ECDSA if a["mech"] == "ecdsa" else PyKCS11.CKM_SHA256_RSA_PKCS
+    mech = PyKCS11.Mechanism(ckm)
 
-    def run(i: int) -> None:
-        session = first if i == 0 else lib.openSession(slot, flags)
-        key = session.findObjects([(PyKCS11.CKA_LABEL, label), (PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY)])[0]
-        start_evt.wait()
-        n = 0
-        while (now := time.perf_counter()) < deadline[0]:
-            msg = b"record %d-%d" % (i, n)
-            data = hashlib.sha256(msg).digest() if a["mech"] == "ecdsa" else msg
-            bytes(session.sign(key, data, mech))  # users need bytes: convert like they must
-            if a.get("latency") and i == 0:
-                latencies.append(time.perf_counter() - now)
-            n += 1
-            if now > deadline[1]:
-                counts[i] += 1
+    def prepare(i: int) -> tuple[Any, Any]:
+        session = first if i == 0 else lib.openSession(slot, flags)  # one session per thread
+        template = [(PyKCS11.CKA_LABEL, label), (PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY)]
+        return session, session.findObjects(template)[0]
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(a["threads"])]
-    for t in threads:
-        t.start()
-    t0 = time.perf_counter()
-    deadline[:] = [t0 + a["warmup"] + a["seconds"], t0 + a["warmup"]]
-    start_evt.set()
-    for t in threads:
-        t.join()
-    return {"ops_per_s": sum(counts) / a["seconds"], "latencies": latencies[len(latencies) // 10 :]}
+    def step(ctx: tuple[Any, Any], i: int, n: int) -> int:
+        session, key = ctx
+        bytes(session.sign(key, _payload(a, i, n), mech))  # users need bytes: convert like they must
+        return 1
+
+    return _measure(a, a["threads"], prepare, step)
 
 
 def _case_python_pkcs11(a: dict[str, Any]) -> dict[str, Any]:
@@ -89,30 +125,16 @@ def _case_python_pkcs11(a: dict[str, Any]) -> dict[str, Any]:
     label = KEYS[a["mech"]][0]
     mech = Mechanism.ECDSA if a["mech"] == "ecdsa" else Mechanism.SHA256_RSA_PKCS
     login = token.open(user_pin=a["pin"])  # login is per application: other sessions share it
-    counts = [0] * a["threads"]
-    start_evt, deadline = threading.Event(), [0.0, 0.0]
 
-    def run(i: int) -> None:
+    def prepare(i: int) -> Any:
         session = login if i == 0 else token.open()
-        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
-        start_evt.wait()
-        n = 0
-        while (now := time.perf_counter()) < deadline[0]:
-            msg = b"record %d-%d" % (i, n)
-            key.sign(hashlib.sha256(msg).digest() if a["mech"] == "ecdsa" else msg, mechanism=mech)
-            n += 1
-            if now > deadline[1]:
-                counts[i] += 1
+        return session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(a["threads"])]
-    for t in threads:
-        t.start()
-    t0 = time.perf_counter()
-    deadline[:] = [t0 + a["warmup"] + a["seconds"], t0 + a["warmup"]]
-    start_evt.set()
-    for t in threads:
-        t.join()
-    return {"ops_per_s": sum(counts) / a["seconds"]}
+    def step(key: Any, i: int, n: int) -> int:
+        key.sign(_payload(a, i, n), mechanism=mech)
+        return 1
+
+    return _measure(a, a["threads"], prepare, step)
 
 
 def _case_p11guard(a: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +144,6 @@ def _case_p11guard(a: dict[str, Any]) -> dict[str, Any]:
 
     config = Config.from_file(a["config"]).replace(workers=a["workers"], batch_size=64)
     label, _, mechanism = KEYS[a["mech"]]
-    out: dict[str, Any] = {}
     with Guard(config) as g:
         if a["mode"] == "sign_many":
             # One sign_many call over a list sized to take about half the window, as a
@@ -130,50 +151,20 @@ def _case_p11guard(a: dict[str, Any]) -> dict[str, Any]:
             calib = 64 * int(a["workers"])
             t = time.perf_counter()
             g.sign_many(label, [b"calibrate %d" % k for k in range(calib)], mechanism)
-            rate = calib / max(time.perf_counter() - t, 1e-6)
-            chunk = max(calib, int(rate * a["seconds"] / 2))
+            chunk = max(calib, int(calib / max(time.perf_counter() - t, 1e-6) * a["seconds"] / 2))
 
-            def step(i: int, n: int) -> int:
+            def step(ctx: None, i: int, n: int) -> int:
                 g.sign_many(label, [b"record %d-%d" % (n, k) for k in range(chunk)], mechanism)
                 return chunk
 
-            threads = 1
+            out = _measure(a, 1, lambda i: None, step)
         else:
 
-            def step(i: int, n: int) -> int:
+            def one(ctx: None, i: int, n: int) -> int:
                 g.sign(label, b"record %d-%d" % (i, n), mechanism)
                 return 1
 
-            threads = a["threads"]
-        events: list[tuple[float, float, int]] = []
-        latencies: list[float] = []
-        start_evt, deadline = threading.Event(), [0.0, 0.0]
-
-        def run(i: int) -> None:
-            start_evt.wait()
-            n = 0
-            # run to the deadline, and at least one whole step after the warm-up
-            while (now := time.perf_counter()) < deadline[0] or (now >= deadline[1] and not events):
-                done = step(i, n)
-                end = time.perf_counter()
-                if a.get("latency") and i == 0:
-                    latencies.append(end - now)
-                n += 1
-                if now >= deadline[1]:
-                    events.append((now, end, done))
-
-        ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-        for th in ts:
-            th.start()
-        t0 = time.perf_counter()
-        deadline[:] = [t0 + a["warmup"] + a["seconds"], t0 + a["warmup"]]
-        start_evt.set()
-        for th in ts:
-            th.join()
-        # whole steps started after the warm-up, over the time they really took
-        span = max(e[1] for e in events) - min(e[0] for e in events) if events else 0.0
-        out["ops_per_s"] = sum(e[2] for e in events) / span if span > 0 else 0.0
-        out["latencies"] = latencies[len(latencies) // 10 :]
+            out = _measure(a, a["threads"], lambda i: None, one)
         out["rss_supervisor_mib"] = psutil.Process().memory_info().rss / 2**20
         out["rss_hosts_mib"] = [psutil.Process(p).memory_info().rss / 2**20 for p in g.host_pids().values()]
     return out
@@ -190,15 +181,12 @@ def _case_host_batch(a: dict[str, Any]) -> dict[str, Any]:
         host.open(a["token"], Testbed(a["bed"]).pin, 30)
         label, _, mechanism = KEYS[a["mech"]]
         items = [("sign", {"key": label, "data": b"record %d" % i, "mechanism": mechanism}) for i in range(a["batch"])]
-        t0 = time.perf_counter()
-        end, warm = t0 + a["warmup"] + a["seconds"], t0 + a["warmup"]
-        events: list[tuple[float, float]] = []
-        while (now := time.perf_counter()) < end or not events:
+
+        def step(ctx: None, i: int, n: int) -> int:
             host.call_batch(items, 60)
-            if now >= warm:
-                events.append((now, time.perf_counter()))
-        span = events[-1][1] - events[0][0]
-        return {"ops_per_s": len(events) * len(items) / span}
+            return len(items)
+
+        return _measure(a, 1, lambda i: None, step)
     finally:
         host.kill()
 
