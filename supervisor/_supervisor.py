@@ -76,6 +76,9 @@ class State(StrEnum):
         return self.value
 
 
+#: Runs of one job that may end in a loss signal before its last error is its answer.
+MAX_ATTEMPTS = 8
+
 #: States in which work is dispatched to workers.
 _DISPATCHING = (State.SERVING, State.SUSPECT)
 
@@ -386,6 +389,10 @@ class Supervisor(pykka.ThreadingActor):
         elif time.monotonic() >= job.deadline:
             job.last_error = _short(error)
             self._expire(job)
+        elif job.attempts >= MAX_ATTEMPTS:
+            # A request that fails every host it meets (a module bug on that input, say)
+            # must not churn hosts until its deadline.
+            self._settle(job, error=error)
         elif self.config.policy == "fail_fast" and self.state not in _DISPATCHING:
             self._settle(job, error=OutOfService(str(self.state), job.op))
         else:

@@ -382,3 +382,18 @@ def test_asyncio_and_sign_many(net_config: Config, group: Testbed) -> None:
             pub.verify(sig, data, ec.ECDSA(hashes.SHA256()))
         mixed = g.sign_many("no-such-key", [b"x"], return_exceptions=True)
         assert "key_not_found" in str(mixed[0])
+
+
+def test_a_request_that_fails_every_host_gives_up(net_config: Config, group: Testbed) -> None:
+    from p11guard import SessionError
+    from p11guard.supervisor._supervisor import MAX_ATTEMPTS
+
+    with guard(net_config) as g:
+        for wid in (0, 1):  # every sign fails with a session error, on either worker, again and again
+            g.inject_fault(wid, "fail_next", ckr=0xB3, count=100, ops=["sign"])
+        with pytest.raises(SessionError, match="CKR_SESSION_HANDLE_INVALID"):
+            g.sign(EC_KEY, b"poison")
+        status = g.status()
+        assert status["counters"]["ops_retried"] == MAX_ATTEMPTS - 1
+        assert status["generation"] == 0  # the group was fine all along
+        assert len(g.random(8)) == 8  # and still serves everything else
