@@ -67,10 +67,8 @@ def spawn_host(config: Config, generation: int = 0, fault_injection: bool = True
     )
 
 
-@pytest.fixture
-def open_host(direct_config: Config, bed: Testbed) -> Iterator[HostProcess]:
-    """A host on SoftHSM2 directly, logged in."""
-    host = spawn_host(direct_config)
+def _opened(config: Config, bed: Testbed) -> Iterator[HostProcess]:
+    host = spawn_host(config)
     try:
         host.open(bed.token_label, bed.pin, 10)
         yield host
@@ -79,14 +77,15 @@ def open_host(direct_config: Config, bed: Testbed) -> Iterator[HostProcess]:
 
 
 @pytest.fixture
+def open_host(direct_config: Config, bed: Testbed) -> Iterator[HostProcess]:
+    """A host on SoftHSM2 directly, logged in."""
+    yield from _opened(direct_config, bed)
+
+
+@pytest.fixture
 def net_host(net_config: Config, group: Testbed) -> Iterator[HostProcess]:
     """A host through the testbed's fault proxy, logged in."""
-    host = spawn_host(net_config)
-    try:
-        host.open(group.token_label, group.pin, 10)
-        yield host
-    finally:
-        host.kill()
+    yield from _opened(net_config, group)
 
 
 def repo_root() -> Path:

@@ -37,23 +37,18 @@ def _records_file(tmp_path: Path, n: int) -> Path:
     return path
 
 
+def _sign_args(config: Path | str, source: Path, out: Path, *extra: str) -> list[str]:
+    return ["sign", "--config", str(config), "--key", EC_KEY, "--in", str(source), "--out", str(out), "--quiet", *extra]
+
+
 def _sign_cmd(config: Path, source: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "p11guard",
-        "sign",
-        "--config",
-        str(config),
-        "--key",
-        EC_KEY,
-        "--in",
-        str(source),
-        "--out",
-        str(out),
-        "--quiet",
-        *extra,
-    ]
+    """`p11guard sign` as its own process (to be killed)."""
+    return [sys.executable, "-m", "p11guard", *_sign_args(config, source, out, *extra)]
+
+
+def _sign_direct(bed: Testbed, source: Path, out: Path, *extra: str) -> int:
+    """`p11guard sign` in-process, on SoftHSM2 directly."""
+    return main(_sign_args(bed.direct_config_path, source, out, *extra))
 
 
 def _verify(source: Path, out: Path, pub: Path, capsys: pytest.CaptureFixture[str]) -> str:
@@ -67,26 +62,7 @@ def test_sign_lines_then_resume_skips(
     bed: Testbed, pub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source, out, report = _records_file(tmp_path, 300), tmp_path / "sigs.jsonl", tmp_path / "r.json"
-    config = str(bed.direct_config_path)
-    assert (
-        main(
-            [
-                "sign",
-                "--config",
-                config,
-                "--key",
-                EC_KEY,
-                "--in",
-                str(source),
-                "--out",
-                str(out),
-                "--report",
-                str(report),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert _sign_direct(bed, source, out, "--report", str(report)) == 0
     assert "records 300, signed 300" in capsys.readouterr().out
     data = json.loads(report.read_text())
     assert (data["records"], data["signed"], data["skipped"], data["failed"]) == (300, 300, 0, 0)
@@ -94,30 +70,14 @@ def test_sign_lines_then_resume_skips(
     first = json.loads(out.read_text().splitlines()[0])
     assert first["id"] == "1" and first["mechanism"] == "ecdsa-sha256" and first["key"] == EC_KEY
     assert "records 300, valid 300, missing 0, duplicate 0" in _verify(source, out, pub, capsys)
-    assert main(["sign", "--config", config, "--key", EC_KEY, "--in", str(source), "--out", str(out), "--quiet"]) == 0
+    assert _sign_direct(bed, source, out) == 0
     assert "signed 0, skipped 300" in capsys.readouterr().out
     assert _lines(out) == 300
 
 
 def test_signature_accepted_by_openssl(bed: Testbed, pub: Path, tmp_path: Path) -> None:
     source, out = _records_file(tmp_path, 3), tmp_path / "sigs.jsonl"
-    assert (
-        main(
-            [
-                "sign",
-                "--config",
-                str(bed.direct_config_path),
-                "--key",
-                EC_KEY,
-                "--in",
-                str(source),
-                "--out",
-                str(out),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert _sign_direct(bed, source, out) == 0
     entry = json.loads(out.read_text().splitlines()[1])
     (tmp_path / "sig").write_bytes(base64.b64decode(entry["signature"]))
     (tmp_path / "rec").write_bytes(b"record number 2")
@@ -152,20 +112,7 @@ def test_sign_directory_with_unreadable_file(
     bad.chmod(0)
     out = tmp_path / "sigs.jsonl"
     try:
-        code = main(
-            [
-                "sign",
-                "--config",
-                str(bed.direct_config_path),
-                "--key",
-                EC_KEY,
-                "--in",
-                str(root),
-                "--out",
-                str(out),
-                "--quiet",
-            ]
-        )
+        code = _sign_direct(bed, root, out)
         text = capsys.readouterr().out
         if os.geteuid() == 0:  # root reads everything: the record is simply signed
             assert code == 0
@@ -229,23 +176,7 @@ def test_verify_catches_tampered_missing_duplicate(
     bed: Testbed, pub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source, out = _records_file(tmp_path, 20), tmp_path / "sigs.jsonl"
-    assert (
-        main(
-            [
-                "sign",
-                "--config",
-                str(bed.direct_config_path),
-                "--key",
-                EC_KEY,
-                "--in",
-                str(source),
-                "--out",
-                str(out),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert _sign_direct(bed, source, out) == 0
     lines = out.read_text().splitlines()
     del lines[4]  # record 5: missing
     lines.append(lines[0])  # record 1: duplicate
