@@ -397,3 +397,52 @@ def test_a_request_that_fails_every_host_gives_up(net_config: Config, group: Tes
         assert status["counters"]["ops_retried"] == MAX_ATTEMPTS - 1
         assert status["generation"] == 0  # the group was fine all along
         assert len(g.random(8)) == 8  # and still serves everything else
+
+
+def test_every_guard_operation_direct(bed: Testbed) -> None:
+    import asyncio
+    import hashlib
+
+    config = bed.client_config(direct=True)
+    with guard(config) as g:
+        label = f"api-{os.getpid()}"
+        assert g.generate_secret(label, "aes-256")["type"] == "aes-256"
+        ct = g.encrypt(label, b"plain", aad=b"hdr")
+        assert g.decrypt(label, ct, aad=b"hdr") == b"plain"
+        assert g.digest(b"abc") == hashlib.sha256(b"abc").digest()
+        assert len(g.random(17)) == 17
+        assert label in {k["label"] for k in g.list_keys()}
+        assert g.destroy(label) == 1
+        pem = g.public_key(EC_KEY)
+        sig = g.sign(EC_KEY, b"m")
+        assert g.verify(EC_KEY, b"m", sig) and not g.verify(EC_KEY, b"n", sig)
+        load_pem_public_key(pem)
+
+        async def main() -> tuple[bytes, bool, list[bytes]]:
+            s = await g.asign(EC_KEY, b"a")
+            return s, await g.averify(EC_KEY, b"a", s), await g.asign_many(EC_KEY, [b"1", b"2"])
+
+        _, ok, many = asyncio.run(main())
+        assert ok and len(many) == 2
+        status = g.status()
+        assert status["state"] == "SERVING" and status["policy"] == "queue"
+        assert {"ops_ok", "ops_failed", "ops_retried", "recoveries"} <= status["counters"].keys()
+        assert all({"id", "pid", "alive", "ops", "last_error"} <= w.keys() for w in status["workers"])
+        assert status["last_probe"] is None or {"ok", "at", "latency_s"} <= status["last_probe"].keys()
+
+
+def test_state_change_callback_errors_do_not_break_the_guard(net_config: Config, group: Testbed) -> None:
+    seen: list[str] = []
+
+    def bad(old: str, new: str, info: dict) -> None:
+        seen.append(new)
+        raise RuntimeError("a callback bug")
+
+    with guard(net_config) as g:
+        g.on_state_change(bad)
+        group.fault("lose")
+        wait_until(lambda: "RECOVERING" in seen, 10, "RECOVERING seen")
+        group.fault("restore")
+        wait_until(lambda: g.state == "SERVING", 15, "SERVING")
+        assert g.sign(EC_KEY, b"still fine")
+    assert seen[:2] in (["SUSPECT", "LOST"], ["LOST", "RECOVERING"])
