@@ -2,6 +2,7 @@
 
 from p11guard.actors._health import HealthActor, Tick
 from p11guard.actors._messages import (
+    FastLane,
     HostRegistry,
     Inject,
     Job,
@@ -20,6 +21,7 @@ from p11guard.actors._worker import CryptoWorker
 
 __all__ = [
     "CryptoWorker",
+    "FastLane",
     "HealthActor",
     "HostRegistry",
     "Inject",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ from p11guard._errors import HostError, HostTimeout, RemoteError
 from p11guard._secret import Secret
 from p11guard.actors._messages import HostRegistry, ProbeResult, Report, Shutdown, StartProbe
 from p11guard.host import HostProcess
+from p11guard.protocol import LOSS_KINDS
 
 __all__ = ["HealthActor", "Tick"]
 
@@ -138,10 +140,18 @@ class HealthActor(pykka.ThreadingActor):
                 break
             except (RemoteError, HostError) as exc:
                 error = exc
-                # A hang or a module error is evidence about the group; a crash is not.
-                if isinstance(exc, RemoteError | HostTimeout) or attempt:
+                # A hang, a loss code or a PIN error is evidence about the group. Our own
+                # host crashing is not, nor is one CKR_GENERAL_ERROR (SoftHSM2 answers that
+                # now and then while another process rewrites the token): one more try.
+                evidence = isinstance(exc, HostTimeout) or (
+                    isinstance(exc, RemoteError) and exc.kind in (*LOSS_KINDS, "auth", "config")
+                )
+                if evidence or attempt:
                     break
-                self._drop_host()
+                if isinstance(exc, HostError):
+                    self._drop_host()
+                else:
+                    time.sleep(random.uniform(0.01, 0.05))  # let the other writer finish
         if error is not None:
             self._drop_host()
         self._tell(

@@ -11,6 +11,7 @@ from p11guard._config import Config
 from p11guard._errors import RemoteError
 from p11guard._secret import Secret
 from p11guard.actors._messages import (
+    FastLane,
     HostRegistry,
     Inject,
     Job,
@@ -47,8 +48,10 @@ class CryptoWorker(pykka.ThreadingActor):
         pin: Secret,
         supervisor: pykka.ActorRef[Any],
         registry: HostRegistry,
+        lane: FastLane | None = None,
     ) -> None:
         super().__init__()
+        self.lane = lane
         self.wid = wid
         self.generation = generation
         self.config = config
@@ -129,11 +132,11 @@ class CryptoWorker(pykka.ThreadingActor):
                 result: Any = results
             else:
                 result = host.call(job.op, job.args, self.config.call_s)
-            # Success settles the caller's future here, one thread hop sooner; the supervisor
-            # only does the bookkeeping. Failures are the supervisor's to decide (retry...).
-            if not job.future.done():
-                job.future.set_result(result)
-            outcome = JobDone(self.wid, self.generation, job, result=result, settled=True)
+            outcome = JobDone(self.wid, self.generation, job, result=result)
+            # Success goes straight to the supervisor's books (and the caller's Future)
+            # from this thread; failures are messages, for the supervisor to decide.
+            if self.lane is not None and self.lane.deliver(outcome):
+                return
         except Exception as exc:
             if host is not None and host.broken is not None:
                 self._drop_host()  # hung, crashed or poisoned: never reused

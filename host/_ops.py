@@ -325,29 +325,45 @@ class Host:
     def op_open(self, args: dict[str, Any]) -> dict[str, Any]:
         token_label = _arg(args, "token_label", str)
         pin = _arg(args, "pin", str)
-        self._drop_session()
+        # A renewal opens the new session before closing the old one: no logout/login churn
+        # on the token (SoftHSM2 then answers other processes CKR_GENERAL_ERROR now and then).
+        old, self.session = self.session, None
+        self.keys.clear()
+        try:
+            return self._open(token_label, pin)
+        finally:
+            if old is not None:
+                try:
+                    old.closeSession()
+                except PyKCS11.PyKCS11Error:
+                    pass
+
+    def _open(self, token_label: str, pin: str) -> dict[str, Any]:
         attempt = 0
         while True:
             attempt += 1
+            session = None
             try:
                 slot = self._find_slot(token_label)
                 session = self.lib.openSession(slot, _RW_SESSION)
+                self.login_attempts += 1
+                try:
+                    session.login(pin)
+                except PyKCS11.PyKCS11Error as exc:
+                    if exc.value != PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
+                        raise
                 break
             except PyKCS11.PyKCS11Error as exc:
+                if session is not None:
+                    try:
+                        session.closeSession()
+                    except PyKCS11.PyKCS11Error:
+                        pass
+                # Only the spurious codes are retried: never a PIN error (it burns the
+                # token's retry counter), never a missing token.
                 if exc.value not in _SPURIOUS or attempt >= _START_ATTEMPTS:
                     raise
                 time.sleep(random.uniform(0.01, 0.05) * attempt)
-        self.login_attempts += 1
-        try:
-            session.login(pin)
-        except PyKCS11.PyKCS11Error as exc:
-            if exc.value != PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
-                try:
-                    session.closeSession()
-                except PyKCS11.PyKCS11Error:
-                    pass
-                raise
-        del pin
         self.session, self.slot, self.token_label = session, slot, token_label
         self.session_value = handle_value(session.session)
         if self.fast is not None and not self.fast.shares_state(self.session_value):

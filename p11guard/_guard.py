@@ -14,7 +14,7 @@ from typing import Any, TypeVar, cast
 
 from p11guard._config import Config
 from p11guard._errors import GuardClosed, GuardFailed, OutOfService
-from p11guard.actors import HostRegistry, Job
+from p11guard.actors import FastLane, HostRegistry, Job
 from p11guard.protocol import IDEMPOTENT_OPS
 from p11guard.supervisor import (
     AddCallback,
@@ -76,7 +76,8 @@ class Guard:
         self._closed = threading.Event()
         self._close_lock = threading.Lock()
         started: Future[None] = Future()
-        self._supervisor = Supervisor.start(self.config, self._registry, started, self._shared)
+        self._lane = FastLane()
+        self._supervisor = Supervisor.start(self.config, self._registry, started, self._shared, self._lane)
         self._ticker = _Ticker(self._supervisor.tell)
         self._ticker.start()
         try:
@@ -159,7 +160,8 @@ class Guard:
             label,
             items,
         )
-        self._supervisor.tell(Submit(job))
+        if not self._lane.submit(job):  # the supervisor is not running yet / any more
+            self._supervisor.tell(Submit(job))
         return future
 
     def submit(self, op: str, **args: Any) -> Future[Any]:

@@ -38,6 +38,7 @@ from p11guard._errors import (
 from p11guard._secret import Secret
 from p11guard.actors import (
     CryptoWorker,
+    FastLane,
     HealthActor,
     HostRegistry,
     Inject,
@@ -213,8 +214,10 @@ class Supervisor(pykka.ThreadingActor):
         registry: HostRegistry,
         started: Future[None],
         shared: SharedState,
+        lane: FastLane | None = None,
     ) -> None:
         super().__init__()
+        self.lane = lane or FastLane()
         self.config = config
         self.registry = registry
         self.started = started
@@ -243,6 +246,7 @@ class Supervisor(pykka.ThreadingActor):
     # -- life cycle ---------------------------------------------------------------------
 
     def on_start(self) -> None:
+        self.lane.connect(self._on_submit, self._on_job_done)
         shared = self.shared
         self.health = HealthActor.start(self.config, self.actor_ref, self.registry, lambda: shared.generation)
         if self._load_pin():
@@ -250,6 +254,7 @@ class Supervisor(pykka.ThreadingActor):
             self.health.tell(StartProbe(self.generation, self._pin))
 
     def on_stop(self) -> None:
+        self.lane.disconnect()
         for timer in self._timers:
             timer.cancel()
         if self.health is not None and self.health.is_alive():
@@ -297,6 +302,11 @@ class Supervisor(pykka.ThreadingActor):
     # -- messages -----------------------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
+        # The lock is the actor's own serialisation, shared with the FastLane callers.
+        with self.lane.lock:
+            return self._handle(message)
+
+    def _handle(self, message: Any) -> Any:
         if isinstance(message, Submit):
             self._on_submit(message.job)
         elif isinstance(message, JobDone):
@@ -360,10 +370,7 @@ class Supervisor(pykka.ThreadingActor):
             self.inflight[job.seq] = _InFlight(self.generation, wid, job)
             slot.ref.tell(RunJob(job))
 
-    def _settle(self, job: Job, result: Any = None, error: BaseException | None = None, settled: bool = False) -> None:
-        if settled:  # the worker set the result itself
-            self.counters.ops_ok += len(job.items) if job.items else 1
-            return
+    def _settle(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
         if job.future.done():
             return
         if error is None:
@@ -415,7 +422,7 @@ class Supervisor(pykka.ThreadingActor):
             slot.job = None
             slot.ops += len(msg.job.items) if msg.job.items else 1
         if msg.error is None:
-            self._settle(msg.job, result=msg.result, settled=msg.settled)
+            self._settle(msg.job, result=msg.result)
             if current:
                 assert slot is not None
                 slot.status = "idle"
@@ -467,7 +474,9 @@ class Supervisor(pykka.ThreadingActor):
         for wid in range(self.config.workers):
             slot = WorkerSlot(wid, self.generation)
             self.slots[wid] = slot
-            slot.ref = CryptoWorker.start(wid, self.generation, self.config, self._pin, self.actor_ref, self.registry)
+            slot.ref = CryptoWorker.start(
+                wid, self.generation, self.config, self._pin, self.actor_ref, self.registry, self.lane
+            )
 
     def _on_worker_ready(self, msg: WorkerReady) -> None:
         slot = self.slots.get(msg.wid)
@@ -527,7 +536,9 @@ class Supervisor(pykka.ThreadingActor):
             slot.ref.tell(Renew(self._pin, new_host=slot.last_error_kind != "session"))
         else:
             slot.status = "starting"
-            slot.ref = CryptoWorker.start(wid, self.generation, self.config, self._pin, self.actor_ref, self.registry)
+            slot.ref = CryptoWorker.start(
+                wid, self.generation, self.config, self._pin, self.actor_ref, self.registry, self.lane
+            )
 
     def _on_worker_stopped(self, msg: WorkerStopped) -> None:
         for seq, entry in list(self.inflight.items()):

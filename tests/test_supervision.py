@@ -85,6 +85,8 @@ class Load:
 @contextmanager
 def guard(config: Config) -> Iterator[Guard]:
     g = Guard(config)
+    # every worker up (a spurious start-up error makes one come up a little later)
+    wait_until(lambda: all(w["status"] == "idle" for w in g.status()["workers"]), 10, "all workers up")
     pids = list(g.host_pids().values())
     try:
         yield g
