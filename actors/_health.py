@@ -10,7 +10,7 @@ from typing import Any
 
 import pykka
 
-from p11guard._config import Config
+from p11guard._config import DEFAULT_MEMBER, Config
 from p11guard._errors import HostError, HostTimeout, RemoteError
 from p11guard._secret import Secret
 from p11guard.actors._messages import HostRegistry, ProbeResult, Report, Shutdown, StartProbe
@@ -23,7 +23,7 @@ log = logging.getLogger("p11guard")
 
 
 class Tick:
-    """Periodic probe request (sent while the group is serving and idle)."""
+    """Periodic probe request (sent while the member is in service)."""
 
     def __init__(self, generation: int) -> None:
         self.generation = generation
@@ -32,9 +32,10 @@ class Tick:
 class HealthActor(pykka.ThreadingActor):
     """Confirms or refutes loss signals with a probe, like ``LunaHAStatus.isOK()``.
 
-    The probe runs in a dedicated small host, so it is never stuck behind a worker's call
-    and has its own deadline (``probe_s``). A new generation always gets a fresh probe host:
-    a module instance that saw the loss stays broken until it is re-initialised.
+    One HealthActor watches one member of the group (``config`` is that member's). The
+    probe runs in a dedicated small host, so it is never stuck behind a worker's call and
+    has its own deadline (``probe_s``). A new member generation always gets a fresh probe
+    host: a module instance that saw the loss stays broken until it is re-initialised.
     """
 
     def __init__(
@@ -43,8 +44,12 @@ class HealthActor(pykka.ThreadingActor):
         supervisor: pykka.ActorRef[Any],
         registry: HostRegistry,
         current_generation: Callable[[], int],
+        member: str = DEFAULT_MEMBER,
+        key: str = "probe",
     ) -> None:
         super().__init__()
+        self.member = member
+        self.key = key
         self.current_generation = current_generation
         self.config = config
         self.supervisor = supervisor
@@ -80,21 +85,20 @@ class HealthActor(pykka.ThreadingActor):
     def _drop_host(self) -> None:
         if self.host is not None:
             self.host.kill()
-            self.registry.remove("probe", self.host)
+            self.registry.remove(self.key, self.host)
             self.host = None
 
     def _spawn(self, generation: int, pin: Secret) -> dict[str, Any]:
         self._drop_host()
         self.generation = generation
-        self.host = HostProcess.spawn(
+        self.host = self.registry.spawn(
+            self.key,
             self.config.module_path,
             env=self.config.module_env,
             generation=generation,
             fault_injection=self.config.fault_injection,
-            name="probe",
             start_timeout_s=self.config.start_s,
         )
-        self.registry.add("probe", self.host)
         self.host.open(self.config.token_label, pin, self.config.probe_s)
         info: dict[str, Any] = self.host.call("probe", {}, self.config.probe_s)
         return info
@@ -115,10 +119,21 @@ class HealthActor(pykka.ThreadingActor):
                     exc,
                     fresh=True,
                     cause=str(exc),
+                    member=self.member,
                 )
             )
             return
-        self._tell(ProbeResult(message.generation, True, time.time(), time.monotonic() - start, fresh=True, info=info))
+        self._tell(
+            ProbeResult(
+                message.generation,
+                True,
+                time.time(),
+                time.monotonic() - start,
+                fresh=True,
+                info=info,
+                member=self.member,
+            )
+        )
 
     def _probe(self, cause: str | None, periodic: bool = False) -> None:
         if periodic and time.monotonic() - self._last_probe < self.config.probe_interval_s / 2:
@@ -164,10 +179,11 @@ class HealthActor(pykka.ThreadingActor):
                 periodic=periodic,
                 cause=cause,
                 info=info,
+                member=self.member,
             )
         )
 
     def _tell(self, result: ProbeResult) -> None:
         if not result.ok:
-            log.debug("probe failed (generation %d): %s", result.generation, result.error)
+            log.debug("probe of %s failed (generation %d): %s", self.member, result.generation, result.error)
         self.supervisor.tell(result)

@@ -7,7 +7,7 @@ supervisor drops (or only settles the jobs of) anything from an older generation
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +142,7 @@ class ProbeResult:
     periodic: bool = False
     cause: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    member: str = "default"
 
 
 class FastLane:
@@ -184,11 +185,72 @@ class FastLane:
 
 
 class HostRegistry:
-    """Every live host of a Guard, so that any thread can kill them (whole group, or all)."""
+    """Every live host of a Guard, so that any thread can kill them (whole group, or all),
+    and the spare hosts started ahead of need for each environment (member)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._hosts: dict[str, HostProcess] = {}
+        self._spares: dict[tuple[tuple[str, str], ...], list[HostProcess]] = {}
+
+    def prestart(self, env: Mapping[str, str], count: int) -> None:
+        """Have ``count`` spare hosts booting for ``env``.
+
+        Call it from a thread that outlives the spares (they die with the thread that
+        started them): the supervisor's.
+        """
+        key = tuple(sorted(env.items()))
+        with self._lock:
+            spares = self._spares[key] = [h for h in self._spares.get(key, []) if h.alive]
+            missing = count - len(spares)
+        for _ in range(missing):
+            host = HostProcess.prestart(env=env)
+            with self._lock:
+                self._spares.setdefault(key, []).append(host)
+
+    def spawn(
+        self,
+        key: str,
+        module: str,
+        *,
+        env: Mapping[str, str],
+        generation: int,
+        fault_injection: bool,
+        start_timeout_s: float,
+    ) -> HostProcess:
+        """A host for ``key`` with ``module`` loaded: a spare for ``env`` when one is alive,
+        else a new process; registered under ``key``.
+
+        Raises:
+            HostStartError, ModuleLoadError, RemoteError: as :meth:`HostProcess.spawn`.
+        """
+        spare = None
+        with self._lock:
+            spares = self._spares.get(tuple(sorted(env.items())), [])
+            while spares and spare is None:
+                candidate = spares.pop(0)
+                if candidate.alive:
+                    spare = candidate
+        if spare is None:
+            host = HostProcess.spawn(
+                module,
+                env=env,
+                generation=generation,
+                fault_injection=fault_injection,
+                name=key,
+                start_timeout_s=start_timeout_s,
+            )
+        else:
+            host = spare
+            host.load(
+                module,
+                generation=generation,
+                fault_injection=fault_injection,
+                name=key,
+                start_timeout_s=start_timeout_s,
+            )
+        self.add(key, host)
+        return host
 
     def add(self, key: str, host: HostProcess) -> None:
         with self._lock:
@@ -208,6 +270,11 @@ class HostRegistry:
             return list(self._hosts.values())
 
     def kill(self, hosts: Iterable[HostProcess] | None = None) -> None:
-        """Kill the given hosts (default: all of them), process trees and all."""
-        for host in list(hosts) if hosts is not None else self.hosts():
+        """Kill the given hosts (default: all of them, spares too), process trees and all."""
+        if hosts is None:
+            with self._lock:
+                spares = [h for group in self._spares.values() for h in group]
+                self._spares.clear()
+            hosts = [*self.hosts(), *spares]
+        for host in list(hosts):
             host.kill()

@@ -72,15 +72,14 @@ class CryptoWorker(pykka.ThreadingActor):
         try:
             if new_host or self.host is None or not self.host.alive:
                 self._drop_host()
-                self.host = HostProcess.spawn(
+                self.host = self.registry.spawn(
+                    self.key,
                     self.config.module_path,
                     env=self.config.module_env,
                     generation=self.generation,
                     fault_injection=self.config.fault_injection,
-                    name=self.key,
                     start_timeout_s=self.config.start_s,
                 )
-                self.registry.add(self.key, self.host)
             info = self.host.open(self.config.token_label, pin, self.config.call_s)
         except Exception as exc:
             self._drop_host()

@@ -315,9 +315,11 @@ class Host:
             if label == token_label:
                 return slot
             seen.append(label)
+        # No token at all is how a lost group looks; other tokens but not ours is a module
+        # that answers without our token (a member of another group, a wrong label).
         raise _Refusal(
             "group_loss",
-            "token_not_found",
+            "token_label_unknown" if seen else "token_not_found",
             f"no token labelled {token_label!r}; labels seen: {seen or 'none'}",
             ckr=PyKCS11.CKR_TOKEN_NOT_PRESENT,
         )

@@ -8,7 +8,7 @@ Quick start::
         signature = g.sign("my-key", b"data")
 """
 
-from p11guard._config import Config
+from p11guard._config import Config, Member
 from p11guard._errors import (
     AuthError,
     ChannelPoisoned,
@@ -49,6 +49,7 @@ __all__ = [
     "HostStartError",
     "HostTimeout",
     "InternalError",
+    "Member",
     "ModuleLoadError",
     "OpTimeout",
     "OutOfService",

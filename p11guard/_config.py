@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -11,11 +12,11 @@ from typing import Any
 from p11guard._errors import ConfigError
 from p11guard._secret import Secret
 
-__all__ = ["Config"]
+__all__ = ["DEFAULT_MEMBER", "Config", "Member"]
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "module": {"path": str, "env": dict},
-    "group": {"token_label": str, "pin_file": str, "pin_env": str},
+    "group": {"token_label": str, "pin_file": str, "pin_env": str, "members": list},
     "workers": {"count": int, "batch_size": int},
     "timeouts": {
         "call_s": (int, float),
@@ -27,6 +28,26 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "admission": {"policy": str, "queue_max": int, "op_deadline_s": (int, float)},
     "testing": {"fault_injection": bool},
 }
+
+_MEMBER_SCHEMA: dict[str, type] = {"name": str, "env": dict, "path": str, "token_label": str}
+_MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+#: The name of the one implicit member of a group that lists none.
+DEFAULT_MEMBER = "default"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of an HA group: its own server (``env``), and optionally its own module
+    (``path``) and ``token_label``. What it leaves out comes from ``[module]``/``[group]``."""
+
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
+    token_label: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Member({self.name!r})"
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,7 @@ class Config:
     queue_max: int = 10000
     op_deadline_s: float = 300.0
     fault_injection: bool = False
+    members: tuple[Member, ...] = ()
     source: str | None = None
 
     def __repr__(self) -> str:
@@ -113,6 +135,7 @@ class Config:
             "pin_file": pin_file,
             "pin_env": get("group", "pin_env"),
             "module_env": dict(get("module", "env") or {}),
+            "members": _members(get("group", "members") or [], base_dir),
             "source": source,
         }
         names = {
@@ -137,6 +160,28 @@ class Config:
         config.validate()
         return config
 
+    def member_configs(self) -> list[tuple[str, Config]]:
+        """Each member's name and the config its hosts use: this one with the member's
+        module, environment (merged over ``[module] env``) and token label.
+
+        A group that lists no members is one member, :data:`DEFAULT_MEMBER`, with this config.
+        """
+        if not self.members:
+            return [(DEFAULT_MEMBER, self)]
+        return [
+            (
+                m.name,
+                replace(
+                    self,
+                    module_path=m.path or self.module_path,
+                    module_env={**self.module_env, **m.env},
+                    token_label=m.token_label or self.token_label,
+                    members=(),
+                ),
+            )
+            for m in self.members
+        ]
+
     def replace(self, **changes: Any) -> Config:
         """A validated copy with some fields changed."""
         config = replace(self, **changes)
@@ -158,6 +203,24 @@ class Config:
             raise ConfigError("must not be empty", "group.token_label")
         if (self.pin_file is None) == (self.pin_env is None):
             raise ConfigError("give exactly one of pin_file and pin_env", "group.pin_file")
+        seen: set[str] = set()
+        for i, member in enumerate(self.members):
+            where = f"group.members[{i}]"
+            if not _MEMBER_NAME.fullmatch(member.name):
+                raise ConfigError(
+                    f"{member.name!r} is not a member name (letters, digits, '.', '_', '-'; at most 64)",
+                    f"{where}.name",
+                )
+            if member.name in seen:
+                raise ConfigError(f"{member.name!r} is listed twice; member names must be unique", f"{where}.name")
+            seen.add(member.name)
+            for key, value in member.env.items():
+                if not isinstance(value, str):
+                    raise ConfigError("values must be strings", f"{where}.env.{key}")
+            if member.path is not None and not os.path.isfile(member.path):
+                raise ConfigError(f"no such file {member.path!r} (the member's PKCS#11 module)", f"{where}.path")
+            if member.token_label is not None and not member.token_label:
+                raise ConfigError("must not be empty", f"{where}.token_label")
         _positive(self.workers, "workers.count", 1, 1024)
         _positive(self.batch_size, "workers.batch_size", 1, 100_000)
         for attr, name in (
@@ -202,6 +265,28 @@ class Config:
         return Secret(value)
 
 
+def _members(raw: list[Any], base_dir: Path | None) -> tuple[Member, ...]:
+    """``[[group.members]]`` tables as :class:`Member` (types checked; values by ``validate``)."""
+    out = []
+    for i, table in enumerate(raw):
+        where = f"group.members[{i}]"
+        if not isinstance(table, dict):
+            raise ConfigError("must be a table ([[group.members]])", where)
+        for key, value in table.items():
+            want = _MEMBER_SCHEMA.get(key)
+            if want is None:
+                raise ConfigError(f"unknown field (known: {', '.join(_MEMBER_SCHEMA)})", f"{where}.{key}")
+            if not isinstance(value, want):
+                raise ConfigError(f"must be {_type_name(want)}, not {type(value).__name__}", f"{where}.{key}")
+        if "name" not in table:
+            raise ConfigError("is required (how status and logs call this member)", f"{where}.name")
+        path = table.get("path")
+        if path is not None and base_dir is not None and not os.path.isabs(path):
+            path = str(base_dir / path)
+        out.append(Member(table["name"], dict(table.get("env", {})), path, table.get("token_label")))
+    return tuple(out)
+
+
 def _positive(value: int, name: str, low: int, high: int) -> None:
     if not low <= value <= high:
         raise ConfigError(f"must be between {low} and {high}, not {value}", name)
@@ -214,6 +299,7 @@ def _type_name(want: type | tuple[type, ...]) -> str:
         "float": "a number",
         "bool": "true or false",
         "dict": "a table",
+        "list": "a list of tables",
     }
     if isinstance(want, tuple):
         return "a number"

@@ -24,7 +24,7 @@ def _testbed(opts: argparse.Namespace) -> int:
 
     bed = Testbed(opts.dir)
     if opts.action == "up":
-        started = bed.up()
+        started = bed.up(members=opts.members)
         if not started:
             print(f"a testbed is already running in {bed.dir}", file=sys.stderr)
         print(bed.config_path)
@@ -48,13 +48,28 @@ def _testbed(opts: argparse.Namespace) -> int:
                 raise UsageError(f"latency needs a number of milliseconds, not {opts.ms!r}") from None
         elif opts.ms is not None:
             raise UsageError(f"fault {opts.fault!r} takes no argument")
-        status = bed.fault(opts.fault, ms)
-        print(json.dumps(status.get("fault", status)))
+        status = bed.fault(opts.fault, ms, member=opts.member)
+        if opts.member is None and len(status.get("members", [])) > 1:
+            print(json.dumps({m["name"]: m.get("fault") for m in status["members"]}))
+        else:
+            print(json.dumps(status.get("fault", status)))
     return EXIT_OK
 
 
+def _member_count(text: str) -> int:
+    from p11guard.testbed import MAX_MEMBERS
+
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of members is needed, not {text!r}") from None
+    if not 1 <= count <= MAX_MEMBERS:
+        raise argparse.ArgumentTypeError(f"members must be between 1 and {MAX_MEMBERS}, not {count}")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from p11guard.testbed import FAULTS
+    from p11guard.testbed import FAULTS, MAX_MEMBERS
 
     parser = argparse.ArgumentParser(
         prog="p11guard",
@@ -72,8 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = tb_sub.add_parser(action, help=text)
         p.add_argument("--dir", required=True, help="the testbed's directory")
+        if action == "up":
+            p.add_argument(
+                "--members",
+                type=_member_count,
+                default=1,
+                metavar="N",
+                help=f"HA members: N p11-kit servers over one token, each behind its own proxy (1-{MAX_MEMBERS})",
+            )
     p = tb_sub.add_parser("fault", help="inject a fault: " + ", ".join(FAULTS))
     p.add_argument("--dir", required=True)
+    p.add_argument("--member", metavar="NAME", help="only this member (default: every member, the whole group)")
     p.add_argument("fault", metavar="FAULT", help=" | ".join(FAULTS))
     p.add_argument("ms", nargs="?", help="milliseconds, for latency")
     tb.set_defaults(func=_testbed)

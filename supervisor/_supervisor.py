@@ -4,6 +4,12 @@ States: STARTING -> SERVING <-> SUSPECT -> LOST -> RECOVERING -> SERVING; FAILED
 CLOSED are final. One actor owns every decision, so one recovery runs at a time whatever
 the number of reports: messages are handled one by one, and anything that carries an
 older generation can only settle its own job, never change the state.
+
+A group is a list of members (a group that lists none is one member). Each member has a
+HealthActor, workers of its own and a generation of its own: a member that is lost while
+others serve is taken out (its hosts killed, its idempotent work retried elsewhere) and
+re-probed in the background -- what an HA client library does. Only the loss of every
+member is a loss of the group: the full recovery, with a new group generation.
 """
 
 from __future__ import annotations
@@ -135,6 +141,14 @@ class RecoveryAttempt:
 
 
 @dataclass(frozen=True)
+class MemberAttempt:
+    """Time to re-probe a lost member (of this member generation)."""
+
+    member: str
+    generation: int
+
+
+@dataclass(frozen=True)
 class RenewAttempt:
     wid: int
     generation: int
@@ -151,6 +165,7 @@ class WorkerSlot:
 
     wid: int
     generation: int
+    member: str = "default"
     ref: pykka.ActorRef[Any] | None = None
     status: str = "starting"  # starting | idle | busy | suspect | renewing | stopping
     pid: int | None = None
@@ -174,6 +189,40 @@ class Outage:
     duration_s: float | None = None
 
 
+class Member:
+    """The supervisor's view of one member of the group (``LunaHAStatus`` has one per member).
+
+    ``state``: ``starting`` (first probe, then its workers), ``serving``, ``suspect`` (a
+    worker reported a loss signal; probe pending), ``lost`` (re-probed with backoff),
+    ``recovering`` (answers again; its workers start), ``out`` (kept out: wrong token label
+    or PIN -- never retried for the PIN).
+    """
+
+    IN_SERVICE = ("starting", "serving", "suspect", "recovering")
+
+    def __init__(self, name: str, config: Config, workers: int) -> None:
+        self.name = name
+        self.config = config
+        self.workers = workers
+        self.health: pykka.ActorRef[Any] | None = None
+        self.state = "starting"
+        self.generation = 0
+        self.attempt = 0
+        self.reason: str | None = None
+        self.outage: Outage | None = None
+        self.outages: list[Outage] = []
+        self.losses = 0
+        self.recoveries = 0
+        self.last_probe: dict[str, Any] | None = None
+
+    @property
+    def in_service(self) -> bool:
+        return self.state in self.IN_SERVICE
+
+    def __repr__(self) -> str:
+        return f"<Member {self.name} {self.state} generation={self.generation}>"
+
+
 @dataclass
 class Counters:
     ops_ok: int = 0
@@ -184,6 +233,8 @@ class Counters:
     probes: int = 0
     probes_failed: int = 0
     login_failures: int = 0
+    member_losses: int = 0
+    member_recoveries: int = 0
 
 
 def _is_loss(error: BaseException) -> bool:
@@ -206,7 +257,7 @@ class _InFlight:
 
 
 class Supervisor(pykka.ThreadingActor):
-    """Owns the workers, the health actor, the queue and every state change."""
+    """Owns the members, their workers and health actors, the queue and every state change."""
 
     def __init__(
         self,
@@ -224,6 +275,12 @@ class Supervisor(pykka.ThreadingActor):
         self.shared = shared
         self.state = State.STARTING
         self.generation = 0
+        self.members: dict[str, Member] = {}
+        named = config.member_configs()
+        # Every member gets at least one worker; the rest are dealt round-robin.
+        total = max(config.workers, len(named))
+        for i, (name, member_config) in enumerate(named):
+            self.members[name] = Member(name, member_config, total // len(named) + (i < total % len(named)))
         self.slots: dict[int, WorkerSlot] = {}
         self.idle: deque[int] = deque()
         self.queue: deque[Job] = deque()
@@ -236,29 +293,38 @@ class Supervisor(pykka.ThreadingActor):
         self.failed_reason: str | None = None
         self.closing = False
         self.close_future: Future[None] | None = None
-        self.recovery_attempt = 0
+        self._next_wid = 0
         self._timers: list[threading.Timer] = []
         self._last_tick_probe = time.monotonic()
         self._pin: Secret | None = None
-        self.health: pykka.ActorRef[Any] | None = None
         self._start_error: BaseException | None = None
 
     # -- life cycle ---------------------------------------------------------------------
 
     def on_start(self) -> None:
         self.lane.connect(self._on_submit, self._on_job_done)
-        shared = self.shared
-        self.health = HealthActor.start(self.config, self.actor_ref, self.registry, lambda: shared.generation)
+        single = len(self.members) == 1 and not self.config.members
+        for member in self.members.values():
+            member.health = HealthActor.start(
+                member.config,
+                self.actor_ref,
+                self.registry,
+                lambda m=member: m.generation,
+                member=member.name,
+                key="probe" if single else f"probe-{member.name}",
+            )
         if self._load_pin():
-            assert self._pin is not None and self.health is not None
-            self.health.tell(StartProbe(self.generation, self._pin))
+            for member in self.members.values():
+                self._prestart(member)
+                self._probe_member(member)
 
     def on_stop(self) -> None:
         self.lane.disconnect()
         for timer in self._timers:
             timer.cancel()
-        if self.health is not None and self.health.is_alive():
-            self.health.stop(block=False)
+        for member in self.members.values():
+            if member.health is not None and member.health.is_alive():
+                member.health.stop(block=False)
 
     def _load_pin(self) -> bool:
         try:
@@ -275,6 +341,11 @@ class Supervisor(pykka.ThreadingActor):
         self._timers = [t for t in self._timers if t.is_alive()]
         self._timers.append(timer)
         timer.start()
+
+    def _backoff(self, attempt: int) -> float:
+        """Seconds before retry ``attempt`` (1, 2, ...): exponential, capped, with jitter."""
+        delay: float = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2.0 ** max(attempt - 1, 0))
+        return delay * random.uniform(0.5, 1.0)  # jitter: many clients must not retry in step
 
     def _set_state(self, new: State, cause: str | None = None) -> None:
         old = self.state
@@ -299,6 +370,15 @@ class Supervisor(pykka.ThreadingActor):
             except Exception:
                 log.exception("state-change callback failed")
 
+    def _refresh(self, cause: str) -> None:
+        """SERVING while some member serves, SUSPECT while none does but some is in service."""
+        if self.state not in _DISPATCHING:
+            return
+        if any(m.state == "serving" for m in self.members.values()):
+            self._set_state(State.SERVING, cause)
+        else:
+            self._set_state(State.SUSPECT, cause)
+
     # -- messages -----------------------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
@@ -321,9 +401,15 @@ class Supervisor(pykka.ThreadingActor):
             self._on_worker_stopped(message)
         elif isinstance(message, ProbeResult):
             self._on_probe(message)
-        elif isinstance(message, RecoveryAttempt):
-            if message.generation == self.generation and self.state == State.RECOVERING:
-                self._recovery_probe()
+        elif isinstance(message, MemberAttempt):
+            member = self.members.get(message.member)
+            if (
+                member is not None
+                and member.state == "lost"
+                and member.generation == message.generation
+                and self.state not in (State.FAILED, State.CLOSED)
+            ):
+                self._reprobe(member)
         elif isinstance(message, RenewAttempt):
             self._renew(message.wid, message.generation)
         elif isinstance(message, StatusRequest):
@@ -449,7 +535,7 @@ class Supervisor(pykka.ThreadingActor):
         if self.state in _DISPATCHING:
             # An idle worker's host that died (killed, OOM...) is noticed now, not by the
             # next job that would meet it.
-            for slot in self.slots.values():
+            for slot in list(self.slots.values()):
                 host = self.registry.get(f"worker-{slot.wid}")
                 if slot.status == "idle" and (host is None or not host.alive):
                     crash = HostCrashed(
@@ -458,25 +544,26 @@ class Supervisor(pykka.ThreadingActor):
                         generation=self.generation,
                     )
                     self._suspect(slot, crash)
-        if (
-            self.state in _DISPATCHING
-            and self.health is not None
-            and now - self._last_tick_probe >= self.config.probe_interval_s
-        ):
+        if self.state in _DISPATCHING and now - self._last_tick_probe >= self.config.probe_interval_s:
             self._last_tick_probe = now
-            self.health.tell(Tick(self.generation))
+            for member in self.members.values():
+                if member.health is not None and member.state in ("serving", "suspect"):
+                    member.health.tell(Tick(member.generation))
 
     # -- workers ------------------------------------------------------------------------
 
-    def _start_workers(self) -> None:
+    def _start_workers(self, member: Member) -> None:
         assert self._pin is not None
-        self.slots, self.idle = {}, deque()
-        for wid in range(self.config.workers):
-            slot = WorkerSlot(wid, self.generation)
+        for _ in range(member.workers):
+            wid, self._next_wid = self._next_wid, self._next_wid + 1
+            slot = WorkerSlot(wid, self.generation, member.name)
             self.slots[wid] = slot
             slot.ref = CryptoWorker.start(
-                wid, self.generation, self.config, self._pin, self.actor_ref, self.registry, self.lane
+                wid, self.generation, member.config, self._pin, self.actor_ref, self.registry, self.lane
             )
+
+    def _member_slots(self, member: Member) -> list[WorkerSlot]:
+        return [s for s in self.slots.values() if s.member == member.name]
 
     def _on_worker_ready(self, msg: WorkerReady) -> None:
         slot = self.slots.get(msg.wid)
@@ -484,11 +571,17 @@ class Supervisor(pykka.ThreadingActor):
             return
         slot.status, slot.pid, slot.sessions_opened = "idle", msg.pid, msg.sessions_opened
         self.idle.append(msg.wid)
+        member = self.members[slot.member]
+        if member.state in ("starting", "recovering"):
+            member.state, member.reason, member.attempt = "serving", None, 0
+            self._end_member_outage(member)
         if self.state == State.RECOVERING:
             self._end_outage()
-            self._set_state(State.SERVING, f"worker {msg.wid} serves generation {self.generation}")
+            self._set_state(State.SERVING, f"worker {msg.wid} serves generation {self.generation} on {member.name}")
         elif self.state == State.STARTING:
             self._set_state(State.SERVING, f"worker {msg.wid} ready")
+        else:
+            self._refresh(f"member {member.name} serves")
         self._check_started()
         self._dispatch()
 
@@ -504,10 +597,15 @@ class Supervisor(pykka.ThreadingActor):
         slot = self.slots.get(msg.wid)
         if msg.generation != self.generation or slot is None or self.state in (State.FAILED, State.CLOSED):
             return
-        if isinstance(msg.error, AuthError | ModuleLoadError):
-            self._fail(f"worker {msg.wid} could not log in: {msg.error}", msg.error)
+        member = self.members[slot.member]
+        if self._keeps_out(msg.error):
+            self._keep_out(member, f"worker {msg.wid} could not log in: {msg.error}", msg.error)
             return
-        if self.state == State.STARTING and all(s.status == "suspect" or s is slot for s in self.slots.values()):
+        if (
+            self.state == State.STARTING
+            and all(s.status == "suspect" or s is slot for s in self.slots.values())
+            and not any(m.state == "starting" and not self._member_slots(m) for m in self.members.values())
+        ):
             self._fail(f"no worker could start: {msg.error}", msg.error)
             return
         self._suspect(slot, msg.error)
@@ -518,12 +616,16 @@ class Supervisor(pykka.ThreadingActor):
         slot.errors += 1
         slot.last_error = _short(error)
         slot.last_error_kind = error.kind if isinstance(error, RemoteError) else "host"
-        log.warning("worker %d (pid %s) reports a loss signal: %s", slot.wid, slot.pid, slot.last_error)
+        member = self.members[slot.member]
+        log.warning(
+            "worker %d (pid %s, member %s) reports a loss signal: %s", slot.wid, slot.pid, member.name, slot.last_error
+        )
         self._check_started()
-        if self.health is not None:
-            self.health.tell(Report(slot.wid, self.generation, slot.last_error))
-        if self.state == State.SERVING:
-            self._set_state(State.SUSPECT, f"worker {slot.wid}: {slot.last_error}")
+        if member.health is not None:
+            member.health.tell(Report(slot.wid, member.generation, slot.last_error))
+        if member.state == "serving":
+            member.state = "suspect"
+            self._refresh(f"worker {slot.wid}: {slot.last_error}")
 
     def _renew(self, wid: int, generation: int) -> None:
         slot = self.slots.get(wid)
@@ -537,7 +639,13 @@ class Supervisor(pykka.ThreadingActor):
         else:
             slot.status = "starting"
             slot.ref = CryptoWorker.start(
-                wid, self.generation, self.config, self._pin, self.actor_ref, self.registry, self.lane
+                wid,
+                self.generation,
+                self.members[slot.member].config,
+                self._pin,
+                self.actor_ref,
+                self.registry,
+                self.lane,
             )
 
     def _on_worker_stopped(self, msg: WorkerStopped) -> None:
@@ -566,11 +674,27 @@ class Supervisor(pykka.ThreadingActor):
         slot.status = "renewing"
         delay = 0.0
         if slot.fail_streak > 1:
-            delay = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** (slot.fail_streak - 2))
+            delay = self._backoff(slot.fail_streak - 1)
         if delay:
-            self._after(delay * random.uniform(0.5, 1.0), RenewAttempt(slot.wid, self.generation))
+            self._after(delay, RenewAttempt(slot.wid, self.generation))
         else:
             self._renew(slot.wid, self.generation)
+
+    def _stop_slots(self, slots: list[WorkerSlot], forget: bool = True) -> None:
+        """Kill the hosts first (a blocked call then fails at once), then stop the actors.
+
+        Forgotten slots are gone from the books: whatever their actors still send can only
+        settle its own job (worker ids are never reused within a group generation).
+        """
+        self.registry.kill(h for h in (self.registry.get(f"worker-{s.wid}") for s in slots) if h is not None)
+        for slot in slots:
+            slot.status = "stopping"
+            if slot.ref is not None:
+                slot.ref.stop(block=False)
+            if forget:
+                self.slots.pop(slot.wid, None)
+        stopped = {s.wid for s in slots}
+        self.idle = deque(wid for wid in self.idle if wid not in stopped)
 
     def _on_inject(self, msg: InjectFault) -> None:
         slot = self.slots.get(msg.wid)
@@ -579,84 +703,144 @@ class Supervisor(pykka.ThreadingActor):
             return
         slot.ref.tell(Inject(msg.args, msg.future))
 
-    # -- health and recovery ------------------------------------------------------------
+    # -- health: probes, members ----------------------------------------------------------
+
+    def _keeps_out(self, error: BaseException | None) -> bool:
+        """A verdict that retrying cannot change: wrong PIN, unloadable module, and -- for a
+        member of a listed group -- a module that answers without the group's token."""
+        if isinstance(error, AuthError | ModuleLoadError):
+            return True
+        return bool(self.config.members) and isinstance(error, RemoteError) and error.name == "token_label_unknown"
+
+    def _prestart(self, member: Member) -> None:
+        """Spare hosts for the member's next probe and workers boot now, from this thread
+        (which outlives them), so that its recovery does not wait for Python to start."""
+        self.registry.prestart(member.config.module_env, member.workers + 1)
+
+    def _probe_member(self, member: Member) -> None:
+        assert self._pin is not None and member.health is not None
+        member.health.tell(StartProbe(member.generation, self._pin))
+
+    def _reprobe(self, member: Member) -> None:
+        # The PIN is read again: it may have changed during the outage. A wrong one fails
+        # the probe's single login and the member is kept out -- never a retry loop on the PIN.
+        if self._load_pin():
+            self._probe_member(member)
 
     def _on_probe(self, res: ProbeResult) -> None:
-        if res.generation != self.generation:
+        member = self.members.get(res.member)
+        if member is None or res.generation != member.generation or self.state in (State.FAILED, State.CLOSED):
             return
         self.counters.probes += 1
         if not res.ok:
             self.counters.probes_failed += 1
-        self.last_probe = {
+        member.last_probe = {
             "ok": res.ok,
             "at": res.at,
             "latency_s": round(res.latency_s, 6),
             "error": None if res.error is None else _short(res.error),
         }
-        if res.fresh:
-            self._on_fresh_probe(res)
-            return
-        if self.state not in (State.STARTING, *_DISPATCHING):
-            return
-        if res.ok:
-            if self.state == State.SUSPECT:
-                self._set_state(State.SERVING, "probe OK: false alarm")
-            for slot in self.slots.values():
+        self.last_probe = {**member.last_probe, "member": member.name}
+        if res.ok and res.fresh:
+            if member.state in ("starting", "lost"):
+                if member.state == "lost":
+                    member.state = "recovering"
+                    log.info(
+                        "member %s answers again (generation %d); starting its workers", member.name, member.generation
+                    )
+                self._start_workers(member)
+        elif res.ok:
+            if member.state == "suspect":
+                member.state = "serving"
+                self._refresh(f"probe of {member.name} OK: false alarm")
+            for slot in self._member_slots(member):
                 if slot.status == "suspect":
                     log.info("probe OK: renewing worker %d only (one_for_one)", slot.wid)
                     self._schedule_renew(slot)
-        elif isinstance(res.error, AuthError | ModuleLoadError):
-            self._fail(str(res.error), res.error)
-        elif self.state == State.STARTING:
-            self._fail(f"probe failed during start: {res.error}", res.error)
+        elif self._keeps_out(res.error):
+            assert res.error is not None
+            self._keep_out(member, str(res.error), res.error)
+        elif res.fresh and member.state == "lost":
+            member.attempt += 1
+            delay = self._backoff(member.attempt)
+            log.debug("probe %d of %s failed (%s); next in %.3f s", member.attempt, member.name, res.error, delay)
+            self._prestart(member)
+            self._after(delay, MemberAttempt(member.name, member.generation))
         else:
-            self._begin_recovery(
-                f"probe failed ({res.cause or 'periodic'}): {_short(res.error) if res.error else 'unknown'}"
+            cause = res.cause or ("start" if res.fresh else "periodic")
+            self._lose_member(
+                member, f"probe of {member.name} failed ({cause}): {_short(res.error or Exception())}", res.error
             )
 
-    def _on_fresh_probe(self, res: ProbeResult) -> None:
-        if self.state == State.STARTING:
-            if res.ok:
-                self._start_workers()
-            else:
-                assert res.error is not None
-                self._fail(str(res.error), res.error)
-        elif self.state == State.RECOVERING:
-            if res.ok:
-                log.info(
-                    "group answers again (generation %d); starting %d workers",
-                    self.generation,
-                    self.config.workers,
-                )
-                self._start_workers()
-            elif isinstance(res.error, AuthError | ModuleLoadError):
-                self._fail(str(res.error), res.error)
-            else:
-                self.recovery_attempt += 1
-                delay = min(
-                    self.config.backoff_max_s,
-                    self.config.backoff_initial_s * 2 ** (self.recovery_attempt - 1),
-                )
-                delay *= random.uniform(0.5, 1.0)  # jitter: many clients must not retry in step
-                log.debug("recovery probe %d failed (%s); next in %.3f s", self.recovery_attempt, res.error, delay)
-                self._after(delay, RecoveryAttempt(self.generation))
+    def _keep_out(self, member: Member, reason: str, error: BaseException) -> None:
+        if member.state == "out":
+            return
+        member.state, member.reason = "out", reason
+        self._stop_slots(self._member_slots(member))
+        log.error("member %s kept out: %s", member.name, reason)
+        if all(m.state == "out" for m in self.members.values()):
+            self._fail(
+                reason if len(self.members) == 1 else f"every member is kept out; {member.name}: {reason}", error
+            )
+            return
+        if isinstance(error, AuthError):
+            self.counters.login_failures += 1
+        self._after_member_change(member, reason, error)
 
-    def _stop_workers(self) -> None:
-        """Kill every host first (a blocked call then fails at once), then stop the actors."""
-        self.registry.kill(h for h in self.registry.hosts() if h.name != "probe")
-        for slot in self.slots.values():
-            slot.status = "stopping"
-            if slot.ref is not None:
-                slot.ref.stop(block=False)
-        self.idle.clear()
+    def _lose_member(self, member: Member, cause: str, error: BaseException | None) -> None:
+        """A member's probe failed: take it out and re-probe it, or lose the group."""
+        if not member.in_service:
+            return
+        others = [m for m in self.members.values() if m is not member and m.in_service]
+        if self.state in _DISPATCHING and not others:
+            self._begin_recovery(cause)
+            return
+        member.state, member.reason = "lost", cause
+        member.generation += 1
+        member.attempt = 0
+        member.losses += 1
+        self.counters.member_losses += 1
+        if member.outage is None:
+            member.outage = Outage(time.time(), time.monotonic(), cause, member.generation - 1)
+        log.warning("member %s lost (member generation %d): %s", member.name, member.generation, cause)
+        self._stop_slots(self._member_slots(member))
+        self._prestart(member)
+        self._after_member_change(member, cause, error)
+        if self.state not in (State.FAILED, State.CLOSED):
+            self._after(self._backoff(1), MemberAttempt(member.name, member.generation))
+
+    def _after_member_change(self, member: Member, cause: str, error: BaseException | None) -> None:
+        """A member left service: fail a start that nothing else can carry, refresh the state."""
+        if self.state == State.STARTING and not any(m.in_service for m in self.members.values()):
+            # Guard() raises ``error`` itself: the caller sees what is wrong (PIN, label, module).
+            single = len(self.members) == 1
+            self._fail(str(error) if single and error else f"no member of the group answers at start: {cause}", error)
+        elif self.state in _DISPATCHING and not any(m.in_service for m in self.members.values()):
+            self._begin_recovery(cause)
+        else:
+            self._refresh(f"member {member.name} {member.state}: {cause}")
+            self._check_started()
+
+    def _end_member_outage(self, member: Member) -> None:
+        if member.outage is None:
+            return
+        member.outage.end = time.time()
+        member.outage.duration_s = round(time.monotonic() - member.outage.start_mono, 3)
+        member.outages.append(member.outage)
+        member.outage = None
+        member.recoveries += 1
+        self.counters.member_recoveries += 1
+        log.info("member %s serves again after %.3f s", member.name, member.outages[-1].duration_s)
+
+    # -- group recovery -----------------------------------------------------------------
 
     def _begin_recovery(self, cause: str) -> None:
         if self.state in (State.LOST, State.RECOVERING, State.FAILED, State.CLOSED):
             return  # single flight
         self.outage = Outage(time.time(), time.monotonic(), cause, self.generation)
         self._set_state(State.LOST, cause)
-        self._stop_workers()
-        self.registry.kill()  # the probe host too: nothing of this generation survives
+        self._stop_slots(list(self.slots.values()))
+        self.registry.kill()  # the probe hosts too: nothing of this generation survives
         if self.closing:
             self._fail_queue(GuardClosed("the guard closed while the group was lost"))
             self._maybe_closed()
@@ -667,16 +851,20 @@ class Supervisor(pykka.ThreadingActor):
                 self._settle(job, error=OutOfService(str(self.state), job.op))
         self.generation += 1
         self.shared.generation = self.generation
-        self.recovery_attempt = 0
+        self._next_wid = 0
         self._set_state(State.RECOVERING, f"new generation {self.generation}")
-        self._recovery_probe()
-
-    def _recovery_probe(self) -> None:
-        # The PIN is read again: it may have changed during the outage. A wrong one fails
-        # the probe's single login and we go to FAILED -- never a retry loop on the PIN.
+        # Every member is probed afresh; the first to answer brings the group back, the
+        # others follow as they answer.
+        members = [m for m in self.members.values() if m.state != "out"]
+        for member in members:
+            if member.outage is None:
+                member.outage = Outage(time.time(), time.monotonic(), cause, member.generation)
+            member.state, member.reason, member.attempt = "lost", cause, 0
+            member.generation += 1
         if self._load_pin():
-            assert self._pin is not None and self.health is not None
-            self.health.tell(StartProbe(self.generation, self._pin))
+            for member in members:
+                self._prestart(member)
+                self._probe_member(member)
 
     def _end_outage(self) -> None:
         if self.outage is None:
@@ -705,7 +893,7 @@ class Supervisor(pykka.ThreadingActor):
             self.outages.append(self.outage)
             self.outage = None
         self._set_state(State.FAILED, reason)
-        self._stop_workers()
+        self._stop_slots(list(self.slots.values()), forget=False)
         self.registry.kill()
         self._fail_queue(GuardFailed(reason))
         if not self.started.done():
@@ -748,14 +936,28 @@ class Supervisor(pykka.ThreadingActor):
             if slot.ref is not None and slot.ref.is_alive():
                 slot.ref.tell(Shutdown(deadline_s if polite else 0.0))
                 refs.append(slot.ref)
-        if self.health is not None and self.health.is_alive():
-            self.health.tell(Shutdown(deadline_s if polite else 0.0))
-            refs.append(self.health)
+        for member in self.members.values():
+            if member.health is not None and member.health.is_alive():
+                member.health.tell(Shutdown(deadline_s if polite else 0.0))
+                refs.append(member.health)
         if not self.started.done():
             self.started.set_exception(GuardClosed("closed before it started"))
         return refs
 
     # -- status -------------------------------------------------------------------------
+
+    @staticmethod
+    def _outages(outages: list[Outage]) -> list[dict[str, Any]]:
+        return [
+            {
+                "start": o.start,
+                "end": o.end,
+                "duration_s": o.duration_s,
+                "cause": o.cause,
+                "generation": o.generation,
+            }
+            for o in outages
+        ]
 
     def _status(self) -> dict[str, Any]:
         workers = []
@@ -764,6 +966,7 @@ class Supervisor(pykka.ThreadingActor):
             workers.append(
                 {
                     "id": slot.wid,
+                    "member": slot.member,
                     "pid": slot.pid,
                     "alive": bool(host and host.alive and host.pid == slot.pid),
                     "status": slot.status,
@@ -775,30 +978,37 @@ class Supervisor(pykka.ThreadingActor):
                     "restarts": slot.restarts,
                 }
             )
-        outages = [
+        members = [
             {
-                "start": o.start,
-                "end": o.end,
-                "duration_s": o.duration_s,
-                "cause": o.cause,
-                "generation": o.generation,
+                "name": m.name,
+                "state": m.state,
+                "generation": m.generation,
+                "reason": m.reason,
+                "workers": sorted(s.wid for s in self._member_slots(m)),
+                "losses": m.losses,
+                "recoveries": m.recoveries,
+                "last_probe": m.last_probe,
+                "outages": self._outages([*m.outages, *([m.outage] if m.outage else [])]),
             }
-            for o in [*self.outages, *([self.outage] if self.outage else [])]
+            for m in self.members.values()
         ]
         c = self.counters
         return {
             "state": str(self.state),
             "generation": self.generation,
             "policy": self.config.policy,
+            "members": members,
             "workers": workers,
             "last_probe": self.last_probe,
-            "outages": outages,
+            "outages": self._outages([*self.outages, *([self.outage] if self.outage else [])]),
             "counters": {
                 "ops_ok": c.ops_ok,
                 "ops_failed": c.ops_failed,
                 "ops_retried": c.ops_retried,
                 "outcome_unknown": c.outcome_unknown,
                 "recoveries": c.recoveries,
+                "member_losses": c.member_losses,
+                "member_recoveries": c.member_recoveries,
                 "probes": c.probes,
                 "probes_failed": c.probes_failed,
                 "login_failures": c.login_failures,

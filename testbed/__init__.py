@@ -1,5 +1,5 @@
-"""The simulated network HSM group: SoftHSM2 behind ``p11-kit server`` behind a fault proxy."""
+"""The simulated network HSM group: SoftHSM2 behind ``p11-kit server``(s) behind fault proxies."""
 
-from p11guard.testbed._testbed import FAULTS, Testbed, TestbedError, find_tools
+from p11guard.testbed._testbed import FAULTS, MAX_MEMBERS, Testbed, TestbedError, find_tools, member_names
 
-__all__ = ["FAULTS", "Testbed", "TestbedError", "find_tools"]
+__all__ = ["FAULTS", "MAX_MEMBERS", "Testbed", "TestbedError", "find_tools", "member_names"]

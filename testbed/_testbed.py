@@ -1,9 +1,13 @@
-"""A simulated network HSM group on one machine: SoftHSM2 + p11-kit server + fault proxy.
+"""A simulated network HSM group on one machine: SoftHSM2 + p11-kit server(s) + fault proxies.
 
 Everything lives in one directory: the SoftHSM2 config and token store, the PIN files
 (mode 0600), the server and proxy logs, ``state.json`` (pids of what runs), and two
-ready client configs: ``p11guard.toml`` (through the proxy: the network HSM) and
+ready client configs: ``p11guard.toml`` (through the proxies: the network HSM) and
 ``direct.toml`` (SoftHSM2 loaded in-process: CPU-bound).
+
+A group of N members is N ``p11-kit server`` processes over the one token store, each
+behind its own fault proxy: a key made through one member is usable at once through the
+others, like replicated HSMs.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from p11guard._config import Config
 from p11guard._errors import P11GuardError
 from p11guard._secret import Secret
 
-__all__ = ["FAULTS", "Testbed", "TestbedError", "find_tools"]
+__all__ = ["FAULTS", "MAX_MEMBERS", "Testbed", "TestbedError", "find_tools", "member_names"]
 
 #: Fault names the testbed understands (``latency`` takes milliseconds).
 FAULTS = ("lose", "restore", "hang", "latency", "kill-server", "start-server")
+#: The most members a testbed runs (member names are ``hsm-a`` ... ``hsm-h``).
+MAX_MEMBERS = 8
 _INSTALL_HINT = "install them with: apt-get update && apt-get install -y softhsm2 p11-kit p11-kit-modules"
 
 
@@ -81,6 +87,13 @@ slot = [s for s in lib.getSlotList() if lib.getTokenInfo(s).label.rstrip(" \x00"
 s = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
 s.login(d["so"], PyKCS11.CKU_SO); s.initPin(d["user"]); s.logout(); s.closeSession()
 """
+
+
+def member_names(count: int) -> list[str]:
+    """The members' names: ``hsm`` for a group of one, else ``hsm-a``, ``hsm-b``, ..."""
+    if not 1 <= count <= MAX_MEMBERS:
+        raise TestbedError(f"members must be between 1 and {MAX_MEMBERS}, not {count}")
+    return ["hsm"] if count == 1 else [f"hsm-{chr(ord('a') + i)}" for i in range(count)]
 
 
 def _alive(pid: int | None, created: float | None) -> bool:
@@ -177,29 +190,61 @@ class Testbed:
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.state_path)
 
+    @staticmethod
+    def _members(st: dict[str, Any]) -> list[dict[str, Any]]:
+        members = st.get("members")
+        return [m for m in members if isinstance(m, dict)] if isinstance(members, list) else []
+
+    @property
+    def members(self) -> list[str]:
+        """The names of the running testbed's members (``[]`` when it is down)."""
+        return [str(m["name"]) for m in self._members(self._state())]
+
     @property
     def proxy_socket(self) -> str:
-        return str(self._state().get("proxy_socket", ""))
+        """The first member's proxy socket."""
+        return self.member_proxy_socket()
+
+    def member_proxy_socket(self, member: str | None = None) -> str:
+        members = self._members(self._state())
+        for m in members:
+            if member is None or m["name"] == member:
+                return str(m["proxy_socket"])
+        return ""
 
     @property
     def server_address(self) -> str:
-        """``P11_KIT_SERVER_ADDRESS`` for a client going through the proxy."""
+        """``P11_KIT_SERVER_ADDRESS`` for a client going through the (first member's) proxy."""
         return f"unix:path={self.proxy_socket}"
 
     @property
     def is_up(self) -> bool:
-        st = self._state()
-        return bool(st) and _alive(st.get("proxy_pid"), st.get("proxy_created"))
+        members = self._members(self._state())
+        return bool(members) and all(_alive(m.get("proxy_pid"), m.get("proxy_created")) for m in members)
 
     # -- life cycle ---------------------------------------------------------------------
 
-    def up(self, timeout: float = 60.0) -> bool:
-        """Start everything in the background; return when a client can sign.
+    def up(self, timeout: float = 60.0, members: int = 1) -> bool:
+        """Start everything in the background; return when a client can sign through every member.
+
+        Args:
+            timeout: seconds to wait for each process.
+            members: how many members (p11-kit servers, each behind its own proxy).
 
         Returns:
             ``False`` if the testbed was already running (nothing was started).
+
+        Raises:
+            TestbedError: a tool is missing, or a testbed with another member count runs here.
         """
+        names = member_names(members)
         if self.is_up:
+            running = len(self.members)
+            if running != members:
+                raise TestbedError(
+                    f"a testbed with {running} member(s) already runs in {self.dir}; "
+                    f"stop it first with: p11guard testbed down --dir {self.dir}"
+                )
             return False
         tools = find_tools()
         self.down()  # a half-dead testbed from an earlier run: stop what is left of it
@@ -213,43 +258,58 @@ class Testbed:
         state: dict[str, Any] = {
             "token_label": self.token_label,
             "sockdir": str(sockdir),
-            "server_socket": str(sockdir / "server.sock"),
-            "proxy_socket": str(sockdir / "hsm.sock"),
-            "control_socket": str(sockdir / "control.sock"),
             "tools": tools,
+            "members": [
+                {
+                    "name": name,
+                    "server_socket": str(sockdir / f"{name}.server.sock"),
+                    "proxy_socket": str(sockdir / f"{name}.sock"),
+                    "control_socket": str(sockdir / f"{name}.control.sock"),
+                }
+                for name in names
+            ],
         }
         self._save(state)
         try:
-            self._start_server(state, timeout)
-            log = open(self.dir / "proxy.log", "ab")  # noqa: SIM115 - handed to the child
-            with log:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "p11guard.testbed._proxy",
-                        "--listen",
-                        state["proxy_socket"],
-                        "--upstream",
-                        state["server_socket"],
-                        "--control",
-                        state["control_socket"],
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,
-                )
-            state["proxy_pid"] = proc.pid
-            state["proxy_created"] = psutil.Process(proc.pid).create_time()
-            self._save(state)
-            _wait_for(lambda: os.path.exists(state["control_socket"]), timeout, "the fault proxy")
+            for member in state["members"]:
+                self._start_server(state, member, timeout)
+                self._start_proxy(state, member)
+            for member in state["members"]:
+                _wait_for(lambda m=member: os.path.exists(m["control_socket"]), timeout, "the fault proxy")
             self._write_configs(tools, state)
-            self._check_client(timeout)
+            for member in state["members"]:
+                self._check_client(member, timeout)
         except BaseException:
             self.down()
             raise
         return True
+
+    def _log(self, what: str, member: dict[str, Any]) -> Path:
+        return self.dir / (f"{what}.log" if member["name"] == "hsm" else f"{what}-{member['name']}.log")
+
+    def _start_proxy(self, state: dict[str, Any], member: dict[str, Any]) -> None:
+        log = open(self._log("proxy", member), "ab")  # noqa: SIM115 - handed to the child
+        with log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "p11guard.testbed._proxy",
+                    "--listen",
+                    member["proxy_socket"],
+                    "--upstream",
+                    member["server_socket"],
+                    "--control",
+                    member["control_socket"],
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        member["proxy_pid"] = proc.pid
+        member["proxy_created"] = psutil.Process(proc.pid).create_time()
+        self._save(state)
 
     def _ensure_token(self, tools: dict[str, str]) -> None:
         tokens = self.dir / "tokens"
@@ -280,11 +340,12 @@ class Testbed:
             raise TestbedError(f"cannot initialise the SoftHSM2 token: {tail[0]}")
         ready.write_text(self.token_label + "\n")
 
-    def _start_server(self, state: dict[str, Any], timeout: float) -> None:
+    def _start_server(self, state: dict[str, Any], member: dict[str, Any], timeout: float) -> None:
         tools = state["tools"]
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(state["server_socket"])
-        log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
+            os.unlink(member["server_socket"])
+        log_path = self._log("server", member)
+        log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         with log:
             proc = subprocess.Popen(
                 [
@@ -294,7 +355,7 @@ class Testbed:
                     "--provider",
                     tools["softhsm"],
                     "-n",
-                    state["server_socket"],
+                    member["server_socket"],
                     f"pkcs11:token={self.token_label}",
                 ],
                 env={**os.environ, "SOFTHSM2_CONF": str(self.softhsm_conf)},
@@ -303,16 +364,16 @@ class Testbed:
                 stderr=log,
                 start_new_session=True,
             )
-        state["server_pid"] = proc.pid
-        state["server_created"] = psutil.Process(proc.pid).create_time()
+        member["server_pid"] = proc.pid
+        member["server_created"] = psutil.Process(proc.pid).create_time()
         self._save(state)
 
         def ready() -> bool:
             if proc.poll() is not None:
-                raise TestbedError(f"p11-kit server exited with {proc.returncode}; see {self.dir / 'server.log'}")
-            return os.path.exists(state["server_socket"])
+                raise TestbedError(f"p11-kit server exited with {proc.returncode}; see {log_path}")
+            return os.path.exists(member["server_socket"])
 
-        _wait_for(ready, timeout, "p11-kit server")
+        _wait_for(ready, timeout, f"p11-kit server of {member['name']}")
 
     def _write_configs(self, tools: dict[str, str], state: dict[str, Any]) -> None:
         common = (
@@ -321,24 +382,38 @@ class Testbed:
             "[recovery]\nbackoff_initial_s = 0.05\nbackoff_max_s = 0.5\n\n"
             "[testing]\nfault_injection = true\n"
         )
-        self.config_path.write_text(
-            "# Written by `p11guard testbed up`: the simulated network HSM group.\n"
-            f'[module]\npath = "{tools["client"]}"\n'
-            f'env = {{ P11_KIT_SERVER_ADDRESS = "unix:path={state["proxy_socket"]}" }}\n\n' + common
-        )
+        members = state["members"]
+        if len(members) == 1:
+            network = (
+                "# Written by `p11guard testbed up`: the simulated network HSM group.\n"
+                f'[module]\npath = "{tools["client"]}"\n'
+                f'env = {{ P11_KIT_SERVER_ADDRESS = "unix:path={members[0]["proxy_socket"]}" }}\n\n' + common
+            )
+        else:
+            network = (
+                f"# Written by `p11guard testbed up --members {len(members)}`: the simulated network HSM group.\n"
+                f'[module]\npath = "{tools["client"]}"\n\n'
+                + common
+                + "".join(
+                    f'\n[[group.members]]\nname = "{m["name"]}"\n'
+                    f'env = {{ P11_KIT_SERVER_ADDRESS = "unix:path={m["proxy_socket"]}" }}\n'
+                    for m in members
+                )
+            )
+        self.config_path.write_text(network)
         self.direct_config_path.write_text(
             "# Written by `p11guard testbed up`: SoftHSM2 loaded in-process, no network.\n"
             f'[module]\npath = "{tools["softhsm"]}"\n'
             f'env = {{ SOFTHSM2_CONF = "{self.softhsm_conf}" }}\n\n' + common
         )
 
-    def _check_client(self, timeout: float) -> None:
+    def _check_client(self, member: dict[str, Any], timeout: float) -> None:
         from p11guard.host import HostProcess
 
         state = self._state()
         host = HostProcess.spawn(
             state["tools"]["client"],
-            env={"P11_KIT_SERVER_ADDRESS": self.server_address},
+            env={"P11_KIT_SERVER_ADDRESS": f"unix:path={member['proxy_socket']}"},
             start_timeout_s=timeout,
         )
         try:
@@ -389,44 +464,48 @@ class Testbed:
         st = self._state()
         if not st:
             return
-        _stop_tree(st.get("proxy_pid"), st.get("proxy_created"))
-        _stop_tree(st.get("server_pid"), st.get("server_created"))
+        for member in self._members(st):
+            _stop_tree(member.get("proxy_pid"), member.get("proxy_created"))
+            _stop_tree(member.get("server_pid"), member.get("server_created"))
         sockdir = st.get("sockdir")
         if sockdir and Path(sockdir) != self.dir / "sock":
             shutil.rmtree(sockdir, ignore_errors=True)
         else:
-            for key in ("server_socket", "proxy_socket", "control_socket"):
-                with contextlib.suppress(OSError, TypeError):
-                    os.unlink(st[key])
+            for member in self._members(st):
+                for key in ("server_socket", "proxy_socket", "control_socket"):
+                    with contextlib.suppress(OSError, TypeError, KeyError):
+                        os.unlink(member[key])
         with contextlib.suppress(FileNotFoundError):
             self.state_path.unlink()
 
     def pids(self) -> list[int]:
-        """Pids of every live process of this testbed (server tree and proxy)."""
-        st = self._state()
+        """Pids of every live process of this testbed (server trees and proxies)."""
         out: list[int] = []
-        for key in ("server", "proxy"):
-            pid, created = st.get(f"{key}_pid"), st.get(f"{key}_created")
-            if _alive(pid, created):
-                assert pid is not None
-                with contextlib.suppress(psutil.Error):
-                    out += [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+        for member in self._members(self._state()):
+            for key in ("server", "proxy"):
+                pid, created = member.get(f"{key}_pid"), member.get(f"{key}_created")
+                if _alive(pid, created):
+                    assert pid is not None
+                    with contextlib.suppress(psutil.Error):
+                        out += [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
         return out
 
     # -- faults -------------------------------------------------------------------------
 
     def _require_up(self) -> dict[str, Any]:
         st = self._state()
-        if not st or not _alive(st.get("proxy_pid"), st.get("proxy_created")):
+        if not self._members(st) or not any(
+            _alive(m.get("proxy_pid"), m.get("proxy_created")) for m in self._members(st)
+        ):
             raise TestbedError(
                 f"no testbed is running in {self.dir}; start one with: p11guard testbed up --dir {self.dir}"
             )
         return st
 
-    def _control(self, st: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
+    def _control(self, member: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
-            sock.connect(st["control_socket"])
+            sock.connect(member["control_socket"])
             sock.sendall(json.dumps(msg).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
@@ -439,40 +518,67 @@ class Testbed:
             raise TestbedError(str(reply.get("error")))
         return reply
 
-    def fault(self, name: str, ms: float | None = None) -> dict[str, Any]:
+    def fault(self, name: str, ms: float | None = None, member: str | None = None) -> dict[str, Any]:
         """Inject a fault: ``lose``, ``restore``, ``hang``, ``latency`` (ms), ``kill-server``,
-        ``start-server``. Returns the new status."""
+        ``start-server``; on one ``member``, or on every member at once (the whole group).
+
+        Returns:
+            The new status.
+        """
         if name not in FAULTS:
             raise TestbedError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
         st = self._require_up()
         if name == "latency" and (ms is None or ms < 0):
             raise TestbedError("latency needs a number of milliseconds >= 0, e.g. `latency 2`")
-        if name == "kill-server":
-            _stop_tree(st.get("server_pid"), st.get("server_created"))
-            st["server_pid"] = st["server_created"] = None
-            self._save(st)
-        elif name == "start-server":
-            if not _alive(st.get("server_pid"), st.get("server_created")):
-                self._start_server(st, 30.0)
-        else:
-            self._control(st, {"cmd": name, "ms": ms})
-        return self.status()
+        targets = self._members(st)
+        if member is not None:
+            targets = [m for m in targets if m["name"] == member]
+            if not targets:
+                known = ", ".join(m["name"] for m in self._members(st))
+                raise TestbedError(f"no member {member!r} in this testbed; its members: {known}")
+        for target in targets:
+            if name == "kill-server":
+                _stop_tree(target.get("server_pid"), target.get("server_created"))
+                target["server_pid"] = target["server_created"] = None
+                self._save(st)
+            elif name == "start-server":
+                if not _alive(target.get("server_pid"), target.get("server_created")):
+                    self._start_server(st, target, 30.0)
+            else:
+                self._control(target, {"cmd": name, "ms": ms})
+        return self.status(member)
 
-    def status(self) -> dict[str, Any]:
-        """Which processes run and which fault is active."""
-        st = self._state()
-        if not st:
-            return {"up": False, "dir": str(self.dir)}
-        proxy_up = _alive(st.get("proxy_pid"), st.get("proxy_created"))
-        server_up = _alive(st.get("server_pid"), st.get("server_created"))
+    def _member_status(self, member: dict[str, Any]) -> dict[str, Any]:
+        proxy_up = _alive(member.get("proxy_pid"), member.get("proxy_created"))
+        server_up = _alive(member.get("server_pid"), member.get("server_created"))
         out: dict[str, Any] = {
-            "up": proxy_up,
-            "dir": str(self.dir),
-            "config": str(self.config_path),
-            "server": {"pid": st.get("server_pid") if server_up else None, "running": server_up},
-            "proxy": {"pid": st.get("proxy_pid") if proxy_up else None, "running": proxy_up},
+            "name": member["name"],
+            "address": f"unix:path={member['proxy_socket']}",
+            "server": {"pid": member.get("server_pid") if server_up else None, "running": server_up},
+            "proxy": {"pid": member.get("proxy_pid") if proxy_up else None, "running": proxy_up},
         }
         if proxy_up:
             with contextlib.suppress(OSError, ValueError, TestbedError):
-                out["fault"] = {k: v for k, v in self._control(st, {"cmd": "status"}).items() if k != "ok"}
+                out["fault"] = {k: v for k, v in self._control(member, {"cmd": "status"}).items() if k != "ok"}
+        return out
+
+    def status(self, member: str | None = None) -> dict[str, Any]:
+        """Which processes run and which fault is active, per member.
+
+        The top-level ``server``, ``proxy`` and ``fault`` are those of ``member`` (default:
+        the first member); ``members`` lists every member.
+        """
+        st = self._state()
+        members = self._members(st)
+        if not members:
+            return {"up": False, "dir": str(self.dir)}
+        listed = [self._member_status(m) for m in members]
+        first = next((m for m in listed if m["name"] == member), listed[0])
+        out: dict[str, Any] = {
+            "up": all(m["proxy"]["running"] for m in listed),
+            "dir": str(self.dir),
+            "config": str(self.config_path),
+            **{k: v for k, v in first.items() if k in ("server", "proxy", "fault")},
+            "members": listed,
+        }
         return out
