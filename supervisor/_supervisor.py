@@ -746,7 +746,10 @@ class Supervisor(pykka.ThreadingActor):
                 if member.state == "lost":
                     member.state = "recovering"
                     log.info(
-                        "member %s answers again (generation %d); starting its workers", member.name, member.generation
+                        "member %s answers again (generation %d, probe %.3f s); starting its workers",
+                        member.name,
+                        member.generation,
+                        res.latency_s,
                     )
                 self._start_workers(member)
         elif res.ok:

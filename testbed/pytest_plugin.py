@@ -5,12 +5,14 @@ them, no ``conftest.py`` needed.
 
 - ``hsm_group_session``: one running :class:`~p11guard.testbed.Testbed` for the session,
   always torn down at the end.
-- ``hsm_group``: that testbed for one test; every fault is cleared afterwards.
+- ``hsm_group``: that testbed for one test; every fault is cleared afterwards. Mark a test
+  ``@pytest.mark.hsm_members(3)`` for a group of 3 members (``hsm-a``, ``hsm-b``,
+  ``hsm-c``; one testbed per member count, shared by the session).
 - ``guard``: a :class:`~p11guard.Guard` on it (fault injection on, short timeouts), closed
   after the test.
 - ``hsm_faults``: :class:`HsmFaults` -- ``lose()``, ``restore()``, ``hang()``,
-  ``latency(ms)``, ``outage(seconds)``, and per worker host ``kill_host()``,
-  ``hang_host()``, ``fail_next()``.
+  ``latency(ms)``, ``outage(seconds)`` for the whole group or one ``member=``, and per
+  worker host ``kill_host()``, ``hang_host()``, ``fail_next()``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,37 +44,42 @@ class HsmFaults:
         self.bed = bed
         self.guard = guard
 
-    # -- the whole group ------------------------------------------------------------------
+    # -- the whole group, or one member ---------------------------------------------------
 
-    def lose(self) -> None:
-        """Every member gone: connections closed, new ones refused."""
-        self.bed.fault("lose")
+    def lose(self, member: str | None = None) -> None:
+        """Every member (or ``member``) gone: connections closed, new ones refused."""
+        self.bed.fault("lose", member=member)
 
-    def restore(self) -> None:
-        """The group answers again."""
-        self.bed.fault("restore")
+    def restore(self, member: str | None = None) -> None:
+        """The group (or ``member``) answers again."""
+        self.bed.fault("restore", member=member)
 
-    def hang(self) -> None:
+    def hang(self, member: str | None = None) -> None:
         """Connections stay open, nothing is answered (calls block)."""
-        self.bed.fault("hang")
+        self.bed.fault("hang", member=member)
 
-    def latency(self, ms: float) -> None:
+    def latency(self, ms: float, member: str | None = None) -> None:
         """Add ``ms`` milliseconds one way to every exchange (``0`` clears it)."""
-        self.bed.fault("latency", ms)
+        self.bed.fault("latency", ms, member=member)
+
+    @property
+    def members(self) -> list[str]:
+        """The testbed's member names (``["hsm"]`` for a group of one)."""
+        return self.bed.members
 
     @contextmanager
-    def outage(self, seconds: float) -> Iterator[None]:
-        """``with hsm_faults.outage(3): ...`` -- lose the group now, restore it after
-        ``seconds`` (in the background, so the body may block on the guard), and at the
-        latest when the block ends."""
+    def outage(self, seconds: float, member: str | None = None) -> Iterator[None]:
+        """``with hsm_faults.outage(3): ...`` -- lose the group (or ``member``) now, restore
+        it after ``seconds`` (in the background, so the body may block on the guard), and
+        at the latest when the block ends."""
         restored = threading.Event()
 
         def restore() -> None:
             if not restored.is_set():
                 restored.set()
-                self.restore()
+                self.restore(member)
 
-        self.lose()
+        self.lose(member)
         timer = threading.Timer(seconds, restore)
         timer.daemon = True
         timer.start()
@@ -117,23 +124,45 @@ class HsmFaults:
             self._guard().inject_fault(wid, "fail_next", ckr=ckr, count=count, ops=ops)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "hsm_members(n): run the test's hsm_group (and guard) on a testbed of n HA members"
+    )
+
+
 @pytest.fixture(scope="session")
-def hsm_group_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
-    """A running testbed shared by the session; torn down at the end, whatever happened."""
-    bed = Testbed(tmp_path_factory.mktemp("hsm-group"))
+def hsm_testbeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[int], Testbed]]:
+    """``hsm_testbeds(n)``: the session's running testbed of ``n`` members (started on
+    first use); every one is torn down at the end, whatever happened."""
+    beds: dict[int, Testbed] = {}
+
+    def get(members: int) -> Testbed:
+        if members not in beds:
+            bed = Testbed(tmp_path_factory.mktemp("hsm-group" if members == 1 else f"hsm-group-{members}"))
+            beds[members] = bed
+            bed.up(members=members)
+        return beds[members]
+
     try:
-        bed.up()
-        yield bed
+        yield get
     finally:
-        bed.down()
+        for bed in beds.values():
+            bed.down()
+
+
+@pytest.fixture(scope="session")
+def hsm_group_session(hsm_testbeds: Callable[[int], Testbed]) -> Testbed:
+    """A running testbed (one member) shared by the session; torn down at the end."""
+    return hsm_testbeds(1)
 
 
 @pytest.fixture
-def hsm_group(hsm_group_session: Testbed) -> Iterator[Testbed]:
-    """The session's testbed, with every fault cleared after the test."""
-    yield hsm_group_session
-    bed = hsm_group_session
-    if bed.is_up:
+def hsm_group(hsm_testbeds: Callable[[int], Testbed], request: pytest.FixtureRequest) -> Iterator[Testbed]:
+    """The session's testbed (of ``hsm_members(n)`` members), every fault cleared after the test."""
+    marker = request.node.get_closest_marker("hsm_members")
+    bed = hsm_testbeds(int(marker.args[0]) if marker and marker.args else 1)
+    yield bed
+    if bed.is_up or bed.members:
         bed.fault("restore")
         bed.fault("latency", 0)
         bed.fault("start-server")

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from p11guard import Config
+from p11guard import Config, Guard
 from p11guard.host import HostProcess
 from p11guard.testbed import Testbed
 
@@ -94,3 +99,77 @@ def repo_root() -> Path:
 
 def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+
+
+class Load:
+    """Client threads signing until stopped; keeps every (data, signature) and error."""
+
+    def __init__(self, guard: Guard, threads: int = 8) -> None:
+        self.guard = guard
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.signed: list[tuple[bytes, bytes]] = []
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, tid: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            data = b"t%d-%d" % (tid, n)
+            n += 1
+            try:
+                sig = self.guard.sign(EC_KEY, data)
+            except Exception as exc:
+                with self.lock:
+                    self.errors.append(exc)
+            else:
+                with self.lock:
+                    self.signed.append((data, sig))
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.signed)
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        wait_until(lambda: self.count() >= 20, 20, "load to start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in self.threads), "a client thread is stuck"
+
+    def verify_all(self, pem: bytes) -> None:
+        pub = load_pem_public_key(pem)
+        assert isinstance(pub, ec.EllipticCurvePublicKey)
+        for data, sig in self.signed:
+            pub.verify(sig, data, ec.ECDSA(hashes.SHA256()))
+
+
+@contextmanager
+def guard(config: Config) -> Iterator[Guard]:
+    g = Guard(config)
+    # every worker up (a spurious start-up error makes one come up a little later)
+    wait_until(lambda: all(w["status"] == "idle" for w in g.status()["workers"]), 10, "all workers up")
+    pids = list(g.host_pids().values())
+    try:
+        yield g
+    finally:
+        g.close()
+        pids += list(g.host_pids().values())
+        assert not g.host_pids(), "hosts left after close()"
+        for pid in pids:
+            wait_until(lambda pid=pid: gone(pid), 5, f"host {pid} to be gone")
+
+
+def state_in(g: Guard, *states: str) -> bool:
+    return g.state in states
+
+
+def progress_after(load: Load, extra: int = 50) -> None:
+    target = load.count() + extra
+    wait_until(lambda: load.count() >= target, 30, f"{extra} more signatures")
+NOT_SERVING = ("SUSPECT", "LOST", "RECOVERING")
