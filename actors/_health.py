@@ -56,6 +56,7 @@ class HealthActor(pykka.ThreadingActor):
         self.registry = registry
         self.host: HostProcess | None = None
         self.generation = -1
+        self.host_generation = 0
         self._pin: Secret | None = None
         self._last_probe = 0.0
 
@@ -95,7 +96,7 @@ class HealthActor(pykka.ThreadingActor):
             self.key,
             self.config.module_path,
             env=self.config.module_env,
-            generation=generation,
+            generation=self.host_generation,
             fault_injection=self.config.fault_injection,
             start_timeout_s=self.config.start_s,
         )
@@ -106,6 +107,7 @@ class HealthActor(pykka.ThreadingActor):
     def _fresh_probe(self, message: StartProbe) -> None:
         start = time.monotonic()
         self._pin = message.pin
+        self.host_generation = message.host_generation
         try:
             info = self._spawn(message.generation, message.pin)
         except (RemoteError, HostError) as exc:
@@ -123,6 +125,11 @@ class HealthActor(pykka.ThreadingActor):
                 )
             )
             return
+        given = None
+        if message.handover and self.host is not None:
+            # The next periodic probe starts a probe host of its own again.
+            given, self.host = self.host, None
+            self.registry.remove(self.key, given)
         self._tell(
             ProbeResult(
                 message.generation,
@@ -132,6 +139,7 @@ class HealthActor(pykka.ThreadingActor):
                 fresh=True,
                 info=info,
                 member=self.member,
+                host=given,
             )
         )
 

@@ -124,11 +124,18 @@ class Report:
 
 @dataclass(frozen=True)
 class StartProbe:
-    """Probe from a fresh probe host of ``generation`` (start-up and recovery)."""
+    """Probe from a fresh probe host (start-up and recovery).
+
+    ``generation`` is the member's (for the health actor's books); ``host_generation`` the
+    group's, which the host is tagged with. With ``handover`` a probe that succeeds gives
+    its host -- loaded, logged in -- to the supervisor for a worker: a member that answers
+    again serves one connection and login sooner.
+    """
 
     generation: int
     pin: Secret
-    periodic: bool = False
+    host_generation: int = 0
+    handover: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,7 @@ class ProbeResult:
     cause: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     member: str = "default"
+    host: HostProcess | None = None
 
 
 class FastLane:

@@ -49,8 +49,10 @@ class CryptoWorker(pykka.ThreadingActor):
         supervisor: pykka.ActorRef[Any],
         registry: HostRegistry,
         lane: FastLane | None = None,
+        host: HostProcess | None = None,
     ) -> None:
         super().__init__()
+        self._given = host
         self.lane = lane
         self.wid = wid
         self.generation = generation
@@ -64,6 +66,17 @@ class CryptoWorker(pykka.ThreadingActor):
     # -- life cycle ---------------------------------------------------------------------
 
     def on_start(self) -> None:
+        given, self._given = self._given, None
+        if given is not None and given.alive and given.broken is None:
+            # A probe host that just logged in: its session is this worker's.
+            self._pin = None
+            self.host = given
+            given.name = self.key
+            self.registry.add(self.key, given)
+            self.supervisor.tell(WorkerReady(self.wid, self.generation, given.pid or 0, 1))
+            return
+        if given is not None:
+            given.kill()
         self._bring_up(new_host=True)
 
     def _bring_up(self, new_host: bool) -> None:

@@ -6,6 +6,8 @@ pytest test_hsm_outage.py
 
 import time
 
+import pytest
+
 from p11guard import Config, Guard, OutOfService
 
 KEY = "example-key"
@@ -52,3 +54,20 @@ def test_my_service_answers_503_while_the_group_is_lost(hsm_group, hsm_faults):
         _poll(lambda: handle(b"during") == 503)
         hsm_faults.restore()
         _poll(lambda: handle(b"after") == 200)
+
+
+@pytest.mark.hsm_members(2)  # an HA group of two members: hsm-a and hsm-b
+def test_losing_one_member_of_two_goes_unnoticed(guard, hsm_faults):
+    _ensure_key(guard)
+
+    def member_state(name: str) -> str:
+        return next(m["state"] for m in guard.status()["members"] if m["name"] == name)
+
+    records = [b"record %d" % i for i in range(100)]
+    hsm_faults.lose(member="hsm-a")
+    signatures = guard.sign_many(KEY, records)  # hsm-b carries it
+    _poll(lambda: member_state("hsm-a") == "lost")
+    hsm_faults.restore(member="hsm-a")
+    _poll(lambda: member_state("hsm-a") == "serving")  # back by itself
+    assert all(guard.verify(KEY, r, s) for r, s in zip(records, signatures, strict=True))
+    assert guard.status()["generation"] == 0  # the group never stopped

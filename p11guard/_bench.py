@@ -279,6 +279,87 @@ def _recovery_figures(bed: Any, tiny: bool) -> dict[str, Any]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
+def _member_figures(directory: Path, latency_ms: float, seconds: float, tiny: bool) -> dict[str, Any]:
+    """A group of 3 members, 2 workers each, 8 client threads: the rate while healthy and
+    while one member is lost (from the ``lose``, detection included), failed ops, and the
+    time from that member's ``restore`` to its first op."""
+    from p11guard import Config, Guard
+    from p11guard.testbed import Testbed
+
+    bed = Testbed(directory)
+    bed.up(members=3)
+    try:
+        label, ktype, mechanism = KEYS["ecdsa"]
+        bed.ensure_keys({label: ktype})
+        bed.fault("latency", latency_ms)
+        config = Config.from_file(bed.config_path).replace(
+            workers=6, call_s=2.0, probe_s=1.0, backoff_initial_s=0.05, backoff_max_s=0.5
+        )
+        window = 0.5 if tiny else seconds * 2
+        done: list[float] = []
+        failed: list[str] = []
+        stop = threading.Event()
+        with Guard(config) as g:
+
+            def member_state(name: str) -> str:
+                return str(next(m["state"] for m in g.status()["members"] if m["name"] == name))
+
+            def wait(cond: Any, timeout: float = 30.0) -> None:
+                end = time.monotonic() + timeout
+                while not cond() and time.monotonic() < end:
+                    time.sleep(0.002)  # polling a condition with a deadline
+
+            wait(lambda: all(m["state"] == "serving" for m in g.status()["members"]))
+
+            def load() -> None:
+                while not stop.is_set():
+                    try:
+                        g.sign(label, b"x", mechanism)
+                        done.append(time.monotonic())
+                    except Exception as exc:
+                        failed.append(f"{type(exc).__name__}: {exc}")
+
+            threads = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+            for t in threads:
+                t.start()
+            time.sleep(0.2 if tiny else 1.0)  # steady load first
+
+            def rate(start: float) -> float:
+                time.sleep(window)  # the measuring window
+                return sum(1 for d in list(done) if start <= d < start + window) / window
+
+            healthy = rate(time.monotonic())
+            t_lose = time.monotonic()
+            bed.fault("lose", member="hsm-b")
+            during = rate(t_lose)
+            wait(lambda: member_state("hsm-b") == "lost")
+
+            def b_ops() -> int:
+                return sum(w["ops"] for w in g.status()["workers"] if w["member"] == "hsm-b")
+
+            t_restore = time.monotonic()
+            bed.fault("restore", member="hsm-b")
+            wait(lambda: b_ops() > 0)
+            first_op = time.monotonic() - t_restore
+            stop.set()
+            for t in threads:
+                t.join(10)
+            status = g.status()
+    finally:
+        bed.down()
+    return {
+        "healthy_ops_per_s": round(healthy, 1),
+        "one_lost_ops_per_s": round(during, 1),
+        "one_lost_ratio": round(during / healthy, 3) if healthy else None,
+        "failed_ops": len(failed),
+        "first_failure": failed[0] if failed else None,
+        "member_restore_to_first_op_s": round(first_op, 4),
+        "group_recoveries": status["counters"]["recoveries"],
+        "backoff_max_s": config.backoff_max_s,
+        "latency_ms": latency_ms,
+    }
+
+
 def _proxy_delay(bed: Any, ms: float) -> dict[str, float]:
     """The one-way delay the fault proxy really adds, measured on `random` round trips."""
     from p11guard import Config
@@ -420,12 +501,15 @@ def run_all(opts: argparse.Namespace, say: Any) -> dict[str, Any]:
             recovery = _recovery_figures(bed, opts.tiny)
         finally:
             bed.down()
+        say("members: 3-member group, one member lost under load")
+        members = _member_figures(Path(tmp) / "members", opts.latency_ms, opts.seconds, opts.tiny)
     _add_ratios(results)
     return {
         "results": results,
         "proxy": proxy,
         "latency": latency,
         "recovery": recovery,
+        "members": members,
         "settings": {
             "seconds": opts.seconds,
             "runs": opts.runs,
@@ -569,6 +653,23 @@ def goals(data: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
             f"{rec['hang_to_recovering_s']} s (goal {rec['hang_goal_s']} s)",
         )
     )
+    mem = data.get("members")
+    if mem:
+        out.append(
+            (
+                "one member of 3 lost: >= 60% of the healthy rate and no failed op",
+                mem["one_lost_ratio"] is not None and mem["one_lost_ratio"] >= 0.6 and mem["failed_ops"] == 0,
+                f"{mem['one_lost_ratio']}x ({mem['one_lost_ops_per_s']} of {mem['healthy_ops_per_s']} ops/s), "
+                f"{mem['failed_ops']} failed",
+            )
+        )
+        out.append(
+            (
+                "member restore -> its first op <= backoff_max_s + 0.5 s",
+                mem["member_restore_to_first_op_s"] <= mem["backoff_max_s"] + 0.5,
+                f"{mem['member_restore_to_first_op_s']} s",
+            )
+        )
     hosts = [row["rss_host_max_mib"] for row in r if "rss_host_max_mib" in row]
     out.append(("host RSS <= 40 MiB", max(hosts) <= 40 if hosts else None, f"{max(hosts) if hosts else '?'} MiB max"))
     return out
@@ -587,6 +688,8 @@ def table(data: dict[str, Any]) -> str:
     )
     lines.append("single op (ECDSA, CPU-bound, 1 thread): " + ", ".join(f"{k} {v}" for k, v in data["latency"].items()))
     lines.append("recovery: " + ", ".join(f"{k} {v}" for k, v in data["recovery"].items()))
+    if data.get("members"):
+        lines.append("members: " + ", ".join(f"{k} {v}" for k, v in data["members"].items()))
     lines.append("")
     for goal, met, figure in goals(data):
         lines.append(f"[{'MET' if met else 'NOT MET' if met is False else '?'}] {goal}: {figure}")
@@ -650,6 +753,8 @@ def write_report(data: dict[str, Any], directory: Path) -> Path:
         "Recovery: " + ", ".join(f"{k} {v}" for k, v in data["recovery"].items()),
         "",
     ]
+    if data.get("members"):
+        md += ["Members (3, one lost): " + ", ".join(f"{k} {v}" for k, v in data["members"].items()), ""]
     section = directory / "BENCHMARKS-section.md"
     section.write_text("\n".join(md))
     return section

@@ -105,6 +105,11 @@ class Guard:
         return str(self._shared.state)
 
     @property
+    def members_serving(self) -> tuple[int, int]:
+        """How many members serve, of how many (``(1, 1)`` for a group that lists none)."""
+        return self._shared.members_serving, self._shared.members_total
+
+    @property
     def generation(self) -> int:
         return self._shared.generation
 

@@ -85,7 +85,8 @@ class _Rich:
 
     def update(self, done: int, state: str, recoveries: int) -> None:
         rate = done / max(time.monotonic() - self._start, 1e-9)
-        color = "green" if state == "SERVING" else "yellow" if state == "SUSPECT" else "red"
+        word = state.split(" ", 1)[0]  # "SERVING (2/3 members)"
+        color = "green" if word == "SERVING" else "yellow" if word == "SUSPECT" else "red"
         self._progress.update(
             self._task,
             completed=done,

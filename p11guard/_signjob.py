@@ -91,6 +91,12 @@ def _outage_s(status: dict[str, Any], since: float) -> float:
     return total
 
 
+def _state_text(guard: Guard) -> str:
+    """The group's state, and how many members serve when it lists several."""
+    serving, total = guard.members_serving
+    return guard.state if total <= 1 else f"{guard.state} ({serving}/{total} members)"
+
+
 def run_sign(
     config: Config,
     key: str,
@@ -167,7 +173,7 @@ def _sign_stream(
                 results = future.result(timeout=0.5)
                 break
             except FutureTimeout:
-                update(report.signed + report.skipped, guard.state, guard.recoveries)
+                update(report.signed + report.skipped, _state_text(guard), guard.recoveries)
             except (GuardFailed, GuardClosed):
                 raise  # the batch stays in the window: it is failed with the rest
             except Exception as exc:  # the whole batch failed (deadline, ...)
@@ -188,7 +194,7 @@ def _sign_stream(
                 report.signed += 1
         fh.write(b"".join(lines))
         fh.flush()
-        update(report.signed + report.skipped, guard.state, guard.recoveries)
+        update(report.signed + report.skipped, _state_text(guard), guard.recoveries)
 
     todo = (r for r in iter_records(source) if not _skip(sigfile, r, report))
     with sigfile.open_for_append() as fh:

@@ -61,6 +61,7 @@ from p11guard.actors import (
     WorkerReady,
     WorkerStopped,
 )
+from p11guard.host import HostProcess
 from p11guard.protocol import LOSS_KINDS
 
 __all__ = ["SharedState", "State", "Supervisor"]
@@ -98,6 +99,8 @@ class SharedState:
         self.failed_reason: str | None = None
         self.generation = 0
         self.recoveries = 0
+        self.members_serving = 0
+        self.members_total = 0
 
 
 # -- messages only the supervisor handles ----------------------------------------------------
@@ -384,7 +387,11 @@ class Supervisor(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         # The lock is the actor's own serialisation, shared with the FastLane callers.
         with self.lane.lock:
-            return self._handle(message)
+            try:
+                return self._handle(message)
+            finally:
+                self.shared.members_serving = sum(m.state == "serving" for m in self.members.values())
+                self.shared.members_total = len(self.members)
 
     def _handle(self, message: Any) -> Any:
         if isinstance(message, Submit):
@@ -405,7 +412,7 @@ class Supervisor(pykka.ThreadingActor):
             member = self.members.get(message.member)
             if (
                 member is not None
-                and member.state == "lost"
+                and member.state in ("lost", "starting")
                 and member.generation == message.generation
                 and self.state not in (State.FAILED, State.CLOSED)
             ):
@@ -552,15 +559,17 @@ class Supervisor(pykka.ThreadingActor):
 
     # -- workers ------------------------------------------------------------------------
 
-    def _start_workers(self, member: Member) -> None:
+    def _start_workers(self, member: Member, given: HostProcess | None = None) -> None:
+        """Start the member's workers; the first takes ``given`` (a logged-in probe host)."""
         assert self._pin is not None
         for _ in range(member.workers):
             wid, self._next_wid = self._next_wid, self._next_wid + 1
             slot = WorkerSlot(wid, self.generation, member.name)
             self.slots[wid] = slot
             slot.ref = CryptoWorker.start(
-                wid, self.generation, member.config, self._pin, self.actor_ref, self.registry, self.lane
+                wid, self.generation, member.config, self._pin, self.actor_ref, self.registry, self.lane, given
             )
+            given = None
 
     def _member_slots(self, member: Member) -> list[WorkerSlot]:
         return [s for s in self.slots.values() if s.member == member.name]
@@ -715,11 +724,12 @@ class Supervisor(pykka.ThreadingActor):
     def _prestart(self, member: Member) -> None:
         """Spare hosts for the member's next probe and workers boot now, from this thread
         (which outlives them), so that its recovery does not wait for Python to start."""
-        self.registry.prestart(member.config.module_env, member.workers + 1)
+        self.registry.prestart(member.config.module_env, member.workers + 2)
 
     def _probe_member(self, member: Member) -> None:
         assert self._pin is not None and member.health is not None
-        member.health.tell(StartProbe(member.generation, self._pin))
+        handover = member.state == "lost"  # a member coming back: its probe host becomes a worker
+        member.health.tell(StartProbe(member.generation, self._pin, self.generation, handover))
 
     def _reprobe(self, member: Member) -> None:
         # The PIN is read again: it may have changed during the outage. A wrong one fails
@@ -730,6 +740,8 @@ class Supervisor(pykka.ThreadingActor):
     def _on_probe(self, res: ProbeResult) -> None:
         member = self.members.get(res.member)
         if member is None or res.generation != member.generation or self.state in (State.FAILED, State.CLOSED):
+            if res.host is not None:
+                res.host.kill()  # a handed-over host nobody takes
             return
         self.counters.probes += 1
         if not res.ok:
@@ -751,8 +763,15 @@ class Supervisor(pykka.ThreadingActor):
                         member.generation,
                         res.latency_s,
                     )
-                self._start_workers(member)
-        elif res.ok:
+                self._start_workers(member, res.host)
+            elif res.host is not None:
+                res.host.kill()
+        elif self._keeps_out(res.error):
+            assert res.error is not None
+            self._keep_out(member, str(res.error), res.error)
+        elif res.ok or (not res.fresh and not _is_loss(res.error or Exception())):
+            # A non-loss error (SoftHSM2's odd CKR_GENERAL_ERROR while another process logs
+            # in) is an answer too: the member is there.
             if member.state == "suspect":
                 member.state = "serving"
                 self._refresh(f"probe of {member.name} OK: false alarm")
@@ -760,10 +779,10 @@ class Supervisor(pykka.ThreadingActor):
                 if slot.status == "suspect":
                     log.info("probe OK: renewing worker %d only (one_for_one)", slot.wid)
                     self._schedule_renew(slot)
-        elif self._keeps_out(res.error):
-            assert res.error is not None
-            self._keep_out(member, str(res.error), res.error)
-        elif res.fresh and member.state == "lost":
+        elif res.fresh and (
+            member.state == "lost"
+            or (member.state == "starting" and not _is_loss(res.error or Exception()) and member.attempt < 3)
+        ):
             member.attempt += 1
             delay = self._backoff(member.attempt)
             log.debug("probe %d of %s failed (%s); next in %.3f s", member.attempt, member.name, res.error, delay)

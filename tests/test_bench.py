@@ -26,6 +26,10 @@ def test_bench_tiny_runs_every_contender(tmp_path: Path) -> None:
     assert all(r["ops_per_s"] and r["ops_per_s"] > 0 for r in rows), [r for r in rows if not r["ops_per_s"]]
     assert {"overhead_p50_us", "direct_p50_us"} <= data["latency"].keys()
     assert data["recovery"]["restore_to_first_op_s"] > 0
-    assert len(goals(data)) >= 9 and "MET" in table(data)
+    members = data["members"]
+    assert members["healthy_ops_per_s"] > 0 and members["one_lost_ops_per_s"] > 0
+    assert members["failed_ops"] == 0 and members["group_recoveries"] == 0, members
+    assert members["member_restore_to_first_op_s"] > 0
+    assert len(goals(data)) >= 11 and "MET" in table(data)
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "| goal | met | figure |" in (tmp_path / "BENCHMARKS-section.md").read_text()

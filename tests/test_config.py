@@ -83,3 +83,44 @@ def test_secret_cannot_be_pickled() -> None:
 
     with pytest.raises(TypeError):
         pickle.dumps(Secret("1234"))
+
+
+MEMBER = '[[group.members]]\nname = "{name}"\nenv = {{ ADDR = "{name}.sock" }}\n'
+
+
+def test_members_merge_their_env_over_the_module_env(tmp_path: Path) -> None:
+    text = BASE.replace(f'path = "{MODULE}"\n', f'path = "{MODULE}"\nenv = {{ ADDR = "x", KEEP = "k" }}\n')
+    text += MEMBER.format(name="hsm-a") + MEMBER.format(name="hsm-b") + 'token_label = "other"\n'
+    config = Config.from_file(_write(tmp_path, text))
+    assert [m.name for m in config.members] == ["hsm-a", "hsm-b"]
+    named = dict(config.member_configs())
+    assert named["hsm-a"].module_env == {"ADDR": "hsm-a.sock", "KEEP": "k"}
+    assert (named["hsm-a"].token_label, named["hsm-b"].token_label) == ("t", "other")
+    assert named["hsm-b"].module_path == MODULE and named["hsm-b"].members == ()
+    # no members: the group is one member, "default", with the config as it is
+    assert Config.from_file(_write(tmp_path, BASE)).member_configs()[0][0] == "default"
+    assert "hsm-a.sock" not in repr(config) and "Member('hsm-a')" in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("members", "field", "message"),
+    [
+        ("[[group.members]]\nenv = {}\n", "group.members[0].name", "is required"),
+        (MEMBER.format(name="a") + MEMBER.format(name="a"), "group.members[1].name", "listed twice"),
+        (MEMBER.format(name="a b"), "group.members[0].name", "is not a member name"),
+        ('[[group.members]]\nname = "a"\nport = 1\n', "group.members[0].port", "unknown field"),
+        ('[[group.members]]\nname = "a"\nenv = { X = 1 }\n', "group.members[0].env.X", "must be strings"),
+        ('[[group.members]]\nname = "a"\npath = "/nope.so"\n', "group.members[0].path", "no such file"),
+        ('[[group.members]]\nname = "a"\ntoken_label = ""\n', "group.members[0].token_label", "must not be empty"),
+        ('[[group.members]]\nname = 3\n', "group.members[0].name", "must be a string"),
+    ],
+)
+def test_bad_members_are_named(tmp_path: Path, members: str, field: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        Config.from_file(_write(tmp_path, BASE + members))
+    assert info.value.field == field
+
+
+def test_members_must_be_tables(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"group\.members: must be a list of tables, not str"):
+        Config.from_file(_write(tmp_path, BASE + 'members = "a,b"\n'))

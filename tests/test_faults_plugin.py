@@ -55,7 +55,7 @@ def test_plugin_fixtures_from_a_project_outside(pytester: pytest.Pytester) -> No
     """
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--timeout=120", "-q")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
 
 
 def test_schedule_is_reproducible() -> None:

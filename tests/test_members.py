@@ -3,7 +3,10 @@ proxy), under load from 8 threads: lose some members without stopping, lose all 
 
 from __future__ import annotations
 
+import json
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from conftest import EC_KEY, Load, guard, progress_after, wait_until
 from p11guard import Config, Guard, Member
+from p11guard.cli import main
 from p11guard.testbed import Testbed, find_tools
 
 pytestmark = pytest.mark.hsm_members(3)
@@ -80,13 +84,17 @@ def test_lose_one_member_no_op_fails_and_it_comes_back(ha: Testbed) -> None:
         assert status["state"] == "SERVING" and status["generation"] == 0
         assert member(g, B)["workers"] == [] and member(g, B)["reason"]
         progress_after(load, 200)  # a and c carry the load
+        # an outage of a few re-probes, not a blip (its spare hosts have booted)
+        failed = g.status()["counters"]["probes_failed"]
+        wait_until(lambda: g.status()["counters"]["probes_failed"] >= failed + 3, 10, "b re-probed")
         restored = time.time()
         ha.fault("restore", member=B)
         wait_until(lambda: serving(g, B), 10, "b serving again")
         # the bound: the member's workers serve within backoff_max_s + 0.5 s (the
         # outage ends when its first worker is ready; wall clock on both sides)
-        back = member(g, B)["outages"][0]["end"]
-        assert back - restored <= config.backoff_max_s + 0.5
+        b = member(g, B)
+        back = b["outages"][0]["end"]
+        assert back - restored <= config.backoff_max_s + 0.5, b
         wait_until(lambda: any(w["ops"] for w in g.status()["workers"] if w["member"] == B), 10, "b's first op")
         status = g.status()
     assert load.errors == []
@@ -229,3 +237,28 @@ def test_testbed_faults_name_their_member(ha: Testbed) -> None:
     assert all(m["server"]["running"] for m in ha.status()["members"])
     with pytest.raises(Exception, match="no member 'hsm-z' in this testbed; its members: hsm-a, hsm-b, hsm-c"):
         ha.fault("lose", member="hsm-z")
+
+
+def test_sign_cli_rides_through_a_member_loss(ha: Testbed, tmp_path: Path) -> None:
+    n = 3000
+    source, out, report = tmp_path / "records.txt", tmp_path / "sigs.jsonl", tmp_path / "r.json"
+    source.write_text("".join(f"record number {i}\n" for i in range(1, n + 1)))
+    pub = tmp_path / "pub.pem"
+    assert main(["pubkey", "--config", str(ha.config_path), "--key", EC_KEY, "--out", str(pub)]) == 0
+    cmd = [sys.executable, "-m", "p11guard", "sign", "--config", str(ha.config_path), "--key", EC_KEY]
+    cmd += ["--in", str(source), "--out", str(out), "--report", str(report)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= n // 4, 60, "a quarter signed")
+        ha.fault("lose", member=A)
+        _, progress = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        ha.fault("restore", member=A)
+    assert proc.returncode == 0, progress
+    data = json.loads(report.read_text())
+    assert data["signed"] == n and data["failed"] == 0 and data["recoveries"] == 0
+    # plain progress lines on a pipe, one at each change of the state or the members serving
+    assert "SERVING (3/3 members)" in progress and "SERVING (2/3 members)" in progress
+    assert main(["verify", "--in", str(source), "--sigs", str(out), "--pubkey", str(pub)]) == 0

@@ -172,3 +172,22 @@ def test_cli_status_and_fault(group: Testbed, capsys: pytest.CaptureFixture[str]
     assert main(["testbed", "status", "--dir", str(group.dir)]) == 0
     out = capsys.readouterr().out
     assert '"running": true' in out and '"mode": "normal"' in out
+
+
+def test_cli_members_bad_input(bed: Testbed, capsys: pytest.CaptureFixture[str]) -> None:
+    _one_line_error(
+        capsys,
+        main(["testbed", "fault", "--dir", str(bed.dir), "--member", "hsm-z", "lose"]),
+        "no member 'hsm-z'",
+        "hsm",
+    )
+    assert main(["testbed", "up", "--dir", str(bed.dir), "--members", "0"]) == 2
+    assert "members must be between 1 and 8, not 0" in capsys.readouterr().err
+    # the session's testbed has one member: asking for three names the way out
+    _one_line_error(
+        capsys,
+        main(["testbed", "up", "--dir", str(bed.dir), "--members", "3"]),
+        "already runs",
+        "testbed down --dir",
+    )
+    assert main(["testbed", "fault", "--dir", str(bed.dir), "--member", "hsm", "latency", "0"]) == 0
