@@ -142,6 +142,14 @@ class HealthActor(pykka.ThreadingActor):
                 host=given,
             )
         )
+        if given is not None:
+            # A probe host of our own again at once, not at the next periodic probe: a hang
+            # right after a recovery must meet a probe call (probe_s), not a start (start_s).
+            try:
+                self._spawn(message.generation, message.pin)
+            except (RemoteError, HostError) as exc:
+                log.debug("probe host of %s not restarted (%s); the next probe tries again", self.member, exc)
+                self._drop_host()
 
     def _probe(self, cause: str | None, periodic: bool = False) -> None:
         if periodic and time.monotonic() - self._last_probe < self.config.probe_interval_s / 2:
