@@ -16,6 +16,7 @@ from p11guard.actors._messages import (
     WorkerFailed,
     WorkerReady,
     WorkerStopped,
+    worker_key,
 )
 from p11guard.actors._worker import CryptoWorker
 
@@ -37,4 +38,5 @@ __all__ = [
     "WorkerFailed",
     "WorkerReady",
     "WorkerStopped",
+    "worker_key",
 ]

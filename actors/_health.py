@@ -10,10 +10,8 @@ from typing import Any
 
 import pykka
 
-from p11guard._config import DEFAULT_MEMBER, Config
-from p11guard._errors import HostError, HostTimeout, RemoteError
-from p11guard._secret import Secret
 from p11guard.actors._messages import HostRegistry, ProbeResult, Report, Shutdown, StartProbe
+from p11guard.base import DEFAULT_MEMBER, Config, HostError, HostTimeout, RemoteError, Secret
 from p11guard.host import HostProcess
 from p11guard.protocol import LOSS_KINDS
 

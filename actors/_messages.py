@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from p11guard._secret import Secret
+from p11guard.base import Secret
 from p11guard.host import HostProcess
 
 __all__ = [
@@ -30,7 +30,13 @@ __all__ = [
     "WorkerFailed",
     "WorkerReady",
     "WorkerStopped",
+    "worker_key",
 ]
+
+
+def worker_key(wid: int) -> str:
+    """The registry key (and host name) of worker ``wid``'s host."""
+    return f"worker-{wid}"
 
 
 @dataclass(eq=False)

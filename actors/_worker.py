@@ -7,9 +7,6 @@ from typing import Any
 
 import pykka
 
-from p11guard._config import Config
-from p11guard._errors import RemoteError
-from p11guard._secret import Secret
 from p11guard.actors._messages import (
     FastLane,
     HostRegistry,
@@ -22,7 +19,9 @@ from p11guard.actors._messages import (
     WorkerFailed,
     WorkerReady,
     WorkerStopped,
+    worker_key,
 )
+from p11guard.base import Config, RemoteError, Secret
 from p11guard.host import HostProcess
 from p11guard.protocol import LOSS_KINDS
 
@@ -61,7 +60,7 @@ class CryptoWorker(pykka.ThreadingActor):
         self.supervisor = supervisor
         self.registry = registry
         self.host: HostProcess | None = None
-        self.key = f"worker-{wid}"
+        self.key = worker_key(wid)
 
     # -- life cycle ---------------------------------------------------------------------
 

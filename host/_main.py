@@ -7,16 +7,14 @@ time, until ``close``, EOF on the pipe, or the parent's death.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import signal
 import sys
-from multiprocessing.connection import Connection
 from typing import Any
 
-from p11guard.host._ops import Host
-from p11guard.protocol import MAX_FRAME, FrameError, decode, encode
+from p11guard.host._dispatch import Host
+from p11guard.protocol import MAX_FRAME, Channel, FrameError, decode, encode
 
 _PR_SET_PDEATHSIG = 1
 # Exit codes a parent can tell apart from a crash.
@@ -33,24 +31,30 @@ def _die_with_parent(parent: int) -> None:
         os._exit(EXIT_ORPHANED)
 
 
+def _parse_argv(argv: list[str]) -> tuple[int, int]:
+    # Our own two options, given by HostProcess: argparse would cost the host start-up time.
+    opts = dict(zip(argv[::2], argv[1::2], strict=False))
+    try:
+        return int(opts["--fd"]), int(opts["--parent"])
+    except (KeyError, ValueError):
+        sys.exit("usage: python -m p11guard.host --fd N --parent PID (started by p11guard, not by hand)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve requests on the inherited pipe until told to stop."""
-    parser = argparse.ArgumentParser(prog="p11guard-host")
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    opts = parser.parse_args(argv)
+    fd, parent = _parse_argv(sys.argv[1:] if argv is None else argv)
     # Ctrl-C in a terminal reaches the whole process group; the parent decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(opts.parent)
-    conn = Connection(opts.fd)
+    _die_with_parent(parent)
+    conn = Channel(fd)
     max_frame = MAX_FRAME
     host: Host | None = None
     while True:
         try:
-            data = conn.recv_bytes(max_frame)
-        except (EOFError, OSError):
-            # EOF: the parent closed the pipe or died. OSError: oversized frame (poison).
-            return EXIT_OK if host is None or host.session is None else EXIT_POISONED
+            data = conn.recv(max_frame)
+        except (EOFError, OSError, FrameError):
+            # EOF: the parent closed the pipe or died. FrameError: oversized frame (poison).
+            return EXIT_OK if host is None or not host.serving else EXIT_POISONED
         try:
             request = decode(data)
         except FrameError:
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         except FrameError as exc:
             err = {"kind": "user", "ckr": None, "name": "frame_too_large", "message": f"reply {exc}"}
             frame = encode({"id": reply.get("id"), "err": err})
-        conn.send_bytes(frame)
+        conn.send(frame)
         if host is not None and request.get("op") == "close" and "ok" in reply:
             conn.close()
             return EXIT_OK

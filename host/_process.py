@@ -19,12 +19,11 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from multiprocessing.connection import Connection
 from typing import Any
 
 import psutil
 
-from p11guard._errors import (
+from p11guard.base import (
     ChannelPoisoned,
     HostCrashed,
     HostError,
@@ -32,10 +31,10 @@ from p11guard._errors import (
     HostTimeout,
     RemoteError,
     RequestError,
+    Secret,
     remote_error,
 )
-from p11guard._secret import Secret
-from p11guard.protocol import MAX_FRAME, FrameError, decode, encode
+from p11guard.protocol import MAX_FRAME, Channel, FrameError, decode, encode
 
 __all__ = ["ENV_PASSTHROUGH", "HostProcess"]
 
@@ -82,7 +81,7 @@ class HostProcess:
         self.name = name
         self.pid: int | None = None
         self._popen: subprocess.Popen[bytes] | None = None
-        self._conn: Connection | None = None
+        self._conn: Channel | None = None
         self._pidfd: int | None = None
         self._poller: select.poll | None = None
         self._ids = itertools.count(1)
@@ -180,7 +179,7 @@ class HostProcess:
         finally:
             child_sock.close()
         self.pid = self._popen.pid
-        self._conn = Connection(parent_sock.detach())
+        self._conn = Channel(parent_sock.detach())
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except OSError:
@@ -328,7 +327,7 @@ class HostProcess:
             frame = raw if raw is not None else self._encode(rid, op, args or {})
             assert self._conn is not None
             try:
-                self._conn.send_bytes(frame)
+                self._conn.send(frame)
                 return self._wait_reply(None if raw is not None else rid, op, deadline_s)
             except OSError as exc:
                 # Broken pipe: the host is gone; report how it died.
@@ -363,10 +362,10 @@ class HostProcess:
             ready = {fd for fd, _ in events}
             if conn_fd in ready:
                 try:
-                    data = self._conn.recv_bytes(self.max_frame)
-                except (EOFError, ConnectionError) as exc:  # closed or reset: the host died
+                    data = self._conn.recv(self.max_frame)
+                except (EOFError, OSError) as exc:  # closed or reset: the host died
                     raise self._death(op, exc) from exc
-                except OSError as exc:  # "bad message length": oversized frame
+                except FrameError as exc:  # oversized frame
                     raise self._poison(op, f"unreadable frame from host ({exc})") from exc
                 try:
                     reply = decode(data)

@@ -6,34 +6,44 @@ Quick start::
 
     with Guard(Config.from_file("p11guard.toml")) as g:
         signature = g.sign("my-key", b"data")
+
+This package is the facade: :class:`Guard` and the public names. They are imported on
+first use, so ``import p11guard`` (and every host process, which imports this package on
+its way to :mod:`p11guard.host`) loads nothing it does not use.
 """
 
-from p11guard._config import Config, Member
-from p11guard._errors import (
-    AuthError,
-    ChannelPoisoned,
-    ConfigError,
-    GroupLossError,
-    GuardClosed,
-    GuardFailed,
-    HostCrashed,
-    HostError,
-    HostStartError,
-    HostTimeout,
-    InternalError,
-    ModuleLoadError,
-    OpTimeout,
-    OutcomeUnknown,
-    OutOfService,
-    P11GuardError,
-    RemoteError,
-    RequestError,
-    SessionError,
-    StaleGeneration,
-    UserError,
-)
-from p11guard._guard import Guard
-from p11guard._secret import Secret
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from p11guard._guard import Guard
+    from p11guard.base import (
+        AuthError,
+        ChannelPoisoned,
+        Config,
+        ConfigError,
+        GroupLossError,
+        GuardClosed,
+        GuardFailed,
+        HostCrashed,
+        HostError,
+        HostStartError,
+        HostTimeout,
+        InternalError,
+        Member,
+        ModuleLoadError,
+        OpTimeout,
+        OutcomeUnknown,
+        OutOfService,
+        P11GuardError,
+        RemoteError,
+        RequestError,
+        Secret,
+        SessionError,
+        StaleGeneration,
+        UserError,
+    )
 
 __all__ = [
     "AuthError",
@@ -64,7 +74,19 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-import logging as _logging
+_HOMES = {"Guard": "p11guard._guard", **{name: "p11guard.base" for name in __all__ if name != "Guard"}}
 
-# A library logs; the application decides where it goes (the CLI shows it with -v).
-_logging.getLogger("p11guard").addHandler(_logging.NullHandler())
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

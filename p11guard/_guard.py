@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import threading
 import time
@@ -12,9 +13,8 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar, cast
 
-from p11guard._config import Config
-from p11guard._errors import GuardClosed, GuardFailed, OutOfService
 from p11guard.actors import FastLane, HostRegistry, Job
+from p11guard.base import Config, GuardClosed, GuardFailed, OutOfService
 from p11guard.protocol import IDEMPOTENT_OPS
 from p11guard.supervisor import (
     AddCallback,
@@ -30,6 +30,9 @@ from p11guard.supervisor import (
 )
 
 __all__ = ["Guard"]
+
+# A library logs; the application decides where it goes (the CLI shows it with -v).
+logging.getLogger("p11guard").addHandler(logging.NullHandler())
 
 T = TypeVar("T")
 _TICK_S = 0.05

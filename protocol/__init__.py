@@ -6,8 +6,8 @@ Request ``{id, gen, op, args}``; reply ``{id, ok: result}`` or
 in order.
 """
 
-from p11guard.protocol._ckr import LOSS_KINDS, ckr_kind, ckr_name
-from p11guard.protocol._frames import MAX_FRAME, FrameError, decode, encode
+from p11guard.protocol._frames import MAX_FRAME, Channel, FrameError, decode, encode
+from p11guard.protocol._kinds import ERROR_KINDS, LOSS_KINDS
 from p11guard.protocol._ops import (
     IDEMPOTENT_OPS,
     KEY_TYPES,
@@ -19,6 +19,7 @@ from p11guard.protocol._ops import (
 )
 
 __all__ = [
+    "ERROR_KINDS",
     "IDEMPOTENT_OPS",
     "KEY_TYPES",
     "LOSS_KINDS",
@@ -27,9 +28,8 @@ __all__ = [
     "OPS",
     "SECRET_TYPES",
     "TOKEN_CHANGING_OPS",
+    "Channel",
     "FrameError",
-    "ckr_kind",
-    "ckr_name",
     "decode",
     "default_mechanism",
     "encode",

@@ -27,21 +27,6 @@ from typing import Any
 
 import pykka
 
-from p11guard._config import Config
-from p11guard._errors import (
-    AuthError,
-    ConfigError,
-    GuardClosed,
-    GuardFailed,
-    HostCrashed,
-    HostError,
-    ModuleLoadError,
-    OpTimeout,
-    OutcomeUnknown,
-    OutOfService,
-    RemoteError,
-)
-from p11guard._secret import Secret
 from p11guard.actors import (
     CryptoWorker,
     FastLane,
@@ -60,6 +45,21 @@ from p11guard.actors import (
     WorkerFailed,
     WorkerReady,
     WorkerStopped,
+)
+from p11guard.base import (
+    AuthError,
+    Config,
+    ConfigError,
+    GuardClosed,
+    GuardFailed,
+    HostCrashed,
+    HostError,
+    ModuleLoadError,
+    OpTimeout,
+    OutcomeUnknown,
+    OutOfService,
+    RemoteError,
+    Secret,
 )
 from p11guard.host import HostProcess
 from p11guard.protocol import LOSS_KINDS

@@ -28,9 +28,7 @@ from typing import Any
 
 import psutil
 
-from p11guard._config import Config
-from p11guard._errors import P11GuardError
-from p11guard._secret import Secret
+from p11guard.base import Config, P11GuardError, Secret
 
 __all__ = ["FAULTS", "MAX_MEMBERS", "Testbed", "TestbedError", "find_tools", "member_names"]
 

@@ -172,4 +172,6 @@ def state_in(g: Guard, *states: str) -> bool:
 def progress_after(load: Load, extra: int = 50) -> None:
     target = load.count() + extra
     wait_until(lambda: load.count() >= target, 30, f"{extra} more signatures")
+
+
 NOT_SERVING = ("SUSPECT", "LOST", "RECOVERING")

@@ -307,7 +307,7 @@ def test_keys_and_keygen_exist_ok(bed: Testbed, capsys: pytest.CaptureFixture[st
 
 def test_demo_json(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "p11guard._demo", "--json", "--records", "1500", "--outage", "1"],
+        [sys.executable, "-m", "p11guard.cli._demo", "--json", "--records", "1500", "--outage", "1"],
         capture_output=True,
         text=True,
         timeout=180,

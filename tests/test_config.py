@@ -112,7 +112,7 @@ def test_members_merge_their_env_over_the_module_env(tmp_path: Path) -> None:
         ('[[group.members]]\nname = "a"\nenv = { X = 1 }\n', "group.members[0].env.X", "must be strings"),
         ('[[group.members]]\nname = "a"\npath = "/nope.so"\n', "group.members[0].path", "no such file"),
         ('[[group.members]]\nname = "a"\ntoken_label = ""\n', "group.members[0].token_label", "must not be empty"),
-        ('[[group.members]]\nname = 3\n', "group.members[0].name", "must be a string"),
+        ("[[group.members]]\nname = 3\n", "group.members[0].name", "must be a string"),
     ],
 )
 def test_bad_members_are_named(tmp_path: Path, members: str, field: str, message: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from p11guard._chaos import OpRecord, check, make_schedule
+from p11guard.testing._chaos import OpRecord, check, make_schedule
 
 pytest_plugins = ["pytester"]
 

@@ -32,7 +32,8 @@ from p11guard import (
     UserError,
 )
 from p11guard.host import HostProcess
-from p11guard.protocol import ckr_kind, ckr_name, decode, encode
+from p11guard.host._ckr import ckr_kind, ckr_name
+from p11guard.protocol import decode, encode
 from p11guard.testbed import Testbed
 
 
@@ -255,7 +256,7 @@ def test_stale_generation_is_refused(direct_config: Config, bed: Testbed) -> Non
         reply = host.send_raw(encode({"id": 1, "gen": 2, "op": "sign", "args": {"key": "test-ec", "data": b"x"}}))
         assert reply["err"]["kind"] == "stale_generation"
         assert "generation 2 refused by a host of generation 3" in reply["err"]["message"]
-        from p11guard._errors import remote_error
+        from p11guard.base import remote_error
 
         assert isinstance(remote_error(reply["err"], op="sign", pid=host.pid, generation=3), StaleGeneration)
     finally:

@@ -1,6 +1,6 @@
 """The demo: batch signing through a total loss of the HSM group, then independent verification.
 
-Run with ``./scripts/demo`` (or ``python -m p11guard._demo``). Starts a testbed in a
+Run with ``./scripts/demo`` (or ``python -m p11guard.cli._demo``). Starts a testbed in a
 temporary directory, creates a key, writes sample records, runs ``p11guard sign`` on them
 and, about a third of the way in, makes the whole group disappear for about 3 seconds;
 then verifies every signature with ``cryptography`` and prints a summary. Everything it
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from p11guard._verify import run_verify
+from p11guard.cli._verify import run_verify
 from p11guard.testbed import Testbed
 
 __all__ = ["main"]

@@ -18,11 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from p11guard._config import Config
-from p11guard._errors import GuardClosed, GuardFailed
 from p11guard._guard import Guard
-from p11guard._progress import make_progress
-from p11guard._records import (
+from p11guard.base import Config, GuardClosed, GuardFailed
+from p11guard.cli._progress import make_progress
+from p11guard.cli._records import (
     Record,
     SignatureFile,
     UsageError,

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from p11guard._records import UsageError, check_source, iter_records, parse_line
+from p11guard.cli._records import UsageError, check_source, iter_records, parse_line
 
 __all__ = ["VerifyReport", "run_verify", "verify_signature"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from p11guard._errors import P11GuardError
+from p11guard.base import P11GuardError
 
 __all__ = [
     "Record",

@@ -11,8 +11,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from p11guard._errors import P11GuardError
-from p11guard._records import UsageError
+from p11guard.base import P11GuardError
+from p11guard.cli._records import UsageError
 
 __all__ = ["main"]
 
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ms", nargs="?", help="milliseconds, for latency")
     tb.set_defaults(func=_testbed)
 
-    from p11guard._commands import add_commands
+    from p11guard.cli._commands import add_commands
 
     add_commands(sub)
     return parser

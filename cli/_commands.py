@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from p11guard._config import Config
-from p11guard._records import UsageError
+from p11guard.base import Config
+from p11guard.cli._records import UsageError
 from p11guard.protocol import KEY_TYPES
 
 __all__ = ["add_commands"]
@@ -60,7 +60,7 @@ def _keygen(opts: argparse.Namespace) -> int:
 
 def _pubkey(opts: argparse.Namespace) -> int:
     from p11guard._guard import Guard
-    from p11guard._signjob import resolve_key
+    from p11guard.cli._signjob import resolve_key
 
     with Guard(_config(opts, workers=1)) as g:
         resolve_key(g, opts.key, None)
@@ -73,7 +73,7 @@ def _pubkey(opts: argparse.Namespace) -> int:
 
 
 def _sign(opts: argparse.Namespace) -> int:
-    from p11guard._signjob import run_sign
+    from p11guard.cli._signjob import run_sign
 
     report = run_sign(
         _config(opts),
@@ -89,7 +89,7 @@ def _sign(opts: argparse.Namespace) -> int:
 
 
 def _verify(opts: argparse.Namespace) -> int:
-    from p11guard._verify import run_verify
+    from p11guard.cli._verify import run_verify
 
     report = run_verify(Path(opts.input), Path(opts.sigs), Path(opts.pubkey))
     print(report.summary())
@@ -97,7 +97,7 @@ def _verify(opts: argparse.Namespace) -> int:
 
 
 def _chaos(opts: argparse.Namespace) -> int:
-    from p11guard._chaos import run_cli
+    from p11guard.testing._chaos import run_cli
 
     if opts.duration < 5:
         raise UsageError("--duration must be at least 5 seconds")

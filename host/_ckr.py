@@ -1,10 +1,14 @@
-"""CKR code -> error kind: the one place p11guard classifies PKCS#11 return codes."""
+"""CKR code -> error kind: the one place p11guard classifies PKCS#11 return codes.
+
+It lives in the host, beside the only code that imports PyKCS11; the parent sees kinds
+(:mod:`p11guard.protocol`), never raw codes to classify.
+"""
 
 from __future__ import annotations
 
 import PyKCS11
 
-__all__ = ["LOSS_KINDS", "ckr_kind", "ckr_name"]
+__all__ = ["ckr_kind", "ckr_name"]
 
 # The loss signals of Luna's documented procedure, plus their kin: the module or the
 # whole group is gone, and only C_Finalize + C_Initialize (a fresh host) can help.
@@ -29,9 +33,6 @@ _INTERNAL = {
     PyKCS11.CKR_FUNCTION_FAILED,
     PyKCS11.CKR_CANCEL,
 }
-
-#: Error kinds that are loss signals: the worker is suspect and the group must be probed.
-LOSS_KINDS = frozenset({"group_loss", "session"})
 
 
 def ckr_name(ckr: int) -> str:

@@ -1,6 +1,7 @@
 """Benchmarks: p11guard against direct PyKCS11 and python-pkcs11, measured side by side.
 
-``scripts/bench`` runs this. Every case runs in a fresh process (so no contender shares a
+``scripts/bench`` runs this (``python -m bench`` from the repository: the harness is not part
+of the installed library). Every case runs in a fresh process (so no contender shares a
 GIL, a module instance or a warm cache with another), on the same token and keys, after a
 warm-up; each figure is the median of ``--runs`` runs; ratios are against the direct
 PyKCS11 figures of the *same* run. Setups: (a) SoftHSM2 loaded directly (CPU-bound);
@@ -201,7 +202,8 @@ _CASES = {
 
 def _run_case(args: dict[str, Any]) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "p11guard._bench", "--case", json.dumps(args)],
+        [sys.executable, "-m", "bench", "--case", json.dumps(args)],
+        cwd=Path(__file__).resolve().parent.parent,  # the harness is not installed: run it from the repository
         capture_output=True,
         text=True,
         timeout=600,

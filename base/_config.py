@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from p11guard._errors import ConfigError
-from p11guard._secret import Secret
+from p11guard.base._errors import ConfigError
+from p11guard.base._secret import Secret
 
 __all__ = ["DEFAULT_MEMBER", "Config", "Member"]
 

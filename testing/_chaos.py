@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p11guard._errors import UserError
 from p11guard._guard import Guard
-from p11guard._verify import verify_signature
+from p11guard.base import UserError
+from p11guard.cli._verify import verify_signature
 
 __all__ = ["Fault", "OpRecord", "check", "main", "make_schedule"]
 

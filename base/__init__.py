@@ -1,0 +1,63 @@
+"""The leaf base of p11guard: errors, the PIN wrapper and the configuration.
+
+Every layer (facade, supervisor, actors, host, protocol, testbed, CLI) may import this
+package; it imports **nothing of ours** -- only the standard library (``tomllib`` among
+it). That rule keeps it at the bottom of the import graph; ``tests/test_layers.py``
+checks it.
+"""
+
+from p11guard.base._config import DEFAULT_MEMBER, Config, Member
+from p11guard.base._errors import (
+    AuthError,
+    ChannelPoisoned,
+    ConfigError,
+    GroupLossError,
+    GuardClosed,
+    GuardFailed,
+    HostCrashed,
+    HostError,
+    HostStartError,
+    HostTimeout,
+    InternalError,
+    ModuleLoadError,
+    OpTimeout,
+    OutcomeUnknown,
+    OutOfService,
+    P11GuardError,
+    RemoteError,
+    RequestError,
+    SessionError,
+    StaleGeneration,
+    UserError,
+    remote_error,
+)
+from p11guard.base._secret import Secret
+
+__all__ = [
+    "DEFAULT_MEMBER",
+    "AuthError",
+    "ChannelPoisoned",
+    "Config",
+    "ConfigError",
+    "GroupLossError",
+    "GuardClosed",
+    "GuardFailed",
+    "HostCrashed",
+    "HostError",
+    "HostStartError",
+    "HostTimeout",
+    "InternalError",
+    "Member",
+    "ModuleLoadError",
+    "OpTimeout",
+    "OutOfService",
+    "OutcomeUnknown",
+    "P11GuardError",
+    "RemoteError",
+    "RequestError",
+    "Secret",
+    "SessionError",
+    "StaleGeneration",
+    "UserError",
+    "remote_error",
+]

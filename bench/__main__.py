@@ -1,0 +1,5 @@
+import sys
+
+from bench._bench import main
+
+sys.exit(main())
