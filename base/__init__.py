@@ -1,4 +1,4 @@
-"""The leaf base of p11guard: errors, the PIN wrapper and the configuration.
+"""The leaf base of p11guard: errors, the PIN wrapper, the configuration, a poll helper.
 
 Every layer (facade, supervisor, actors, host, protocol, testbed, CLI) may import this
 package; it imports **nothing of ours** -- only the standard library (``tomllib`` among
@@ -31,6 +31,7 @@ from p11guard.base._errors import (
     UserError,
     remote_error,
 )
+from p11guard.base._poll import poll_until
 from p11guard.base._secret import Secret
 
 __all__ = [
@@ -59,5 +60,6 @@ __all__ = [
     "SessionError",
     "StaleGeneration",
     "UserError",
+    "poll_until",
     "remote_error",
 ]

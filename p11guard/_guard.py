@@ -14,11 +14,12 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar, cast
 
 from p11guard.actors import FastLane, HostRegistry, Job
-from p11guard.base import Config, GuardClosed, GuardFailed, OutOfService
+from p11guard.base import Config, GuardClosed, GuardFailed
 from p11guard.protocol import IDEMPOTENT_OPS
 from p11guard.supervisor import (
     AddCallback,
     Close,
+    Effects,
     Finalize,
     InjectFault,
     SharedState,
@@ -27,6 +28,7 @@ from p11guard.supervisor import (
     Submit,
     Supervisor,
     SupervisorTick,
+    refusal,
 )
 
 __all__ = ["Guard"]
@@ -80,7 +82,7 @@ class Guard:
         self._close_lock = threading.Lock()
         started: Future[None] = Future()
         self._lane = FastLane()
-        self._supervisor = Supervisor.start(self.config, self._registry, started, self._shared, self._lane)
+        self._supervisor = Supervisor.start(self.config, started, self._shared, Effects(self._registry, self._lane))
         self._ticker = _Ticker(self._supervisor.tell)
         self._ticker.start()
         try:
@@ -143,14 +145,11 @@ class Guard:
     ) -> Future[Any]:
         if self._closed.is_set():
             raise GuardClosed("the guard is closed")
-        state = self._shared.state
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()  # accepted work completes; it is not cancelled
-        if state == State.FAILED:
-            future.set_exception(GuardFailed(self._shared.failed_reason or "failed"))
-            return future
-        if self.config.policy == "fail_fast" and state not in (State.SERVING, State.SUSPECT):
-            future.set_exception(OutOfService(str(state), op))
+        error = refusal(self._shared.state, self.config.policy, op, failed_reason=self._shared.failed_reason)
+        if error is not None:  # refused at once: a refused caller never waits for queue space
+            future.set_exception(error)
             return future
         # Backpressure: at most queue_max accepted operations not yet completed.
         while not self._admission.acquire(timeout=0.1):

@@ -1,27 +1,45 @@
-"""The Supervisor actor: state machine, admission, recovery, host lifecycle."""
+"""The Supervisor actor: state machine, admission, recovery, host lifecycle.
 
-from p11guard.supervisor._supervisor import (
+Parts: :mod:`._states` (state enums and the books' records), :mod:`._messages`,
+:mod:`._admission` (who may enter; the queue), :mod:`._effects` (the one seam to the
+world: actors, hosts, timers), :mod:`._base` (the books and their primitives),
+:mod:`._recovery` and :mod:`._supervisor` (the decisions; the data-flow picture is at
+the top of :mod:`._supervisor`), :mod:`._status` (the snapshot).
+"""
+
+from p11guard.supervisor._admission import AdmissionQueue, refusal
+from p11guard.supervisor._effects import Effects
+from p11guard.supervisor._messages import (
     AddCallback,
     Close,
     Finalize,
     InjectFault,
-    SharedState,
-    State,
+    MemberAttempt,
+    RenewAttempt,
     StatusRequest,
     Submit,
-    Supervisor,
     SupervisorTick,
 )
+from p11guard.supervisor._states import MAX_ATTEMPTS, MemberState, SharedState, SlotState, State
+from p11guard.supervisor._supervisor import Supervisor
 
 __all__ = [
+    "MAX_ATTEMPTS",
     "AddCallback",
+    "AdmissionQueue",
     "Close",
+    "Effects",
     "Finalize",
     "InjectFault",
+    "MemberAttempt",
+    "MemberState",
+    "RenewAttempt",
     "SharedState",
+    "SlotState",
     "State",
     "StatusRequest",
     "Submit",
     "Supervisor",
     "SupervisorTick",
+    "refusal",
 ]

@@ -13,22 +13,23 @@ others, like replicated HSMs.
 from __future__ import annotations
 
 import contextlib
-import glob
+import functools
 import json
 import os
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from p11guard.base import Config, P11GuardError, Secret
+from p11guard.base import Config, Secret
+from p11guard.testbed._configs import write_client_configs
+from p11guard.testbed._procs import TestbedError, alive, stop_tree, wait_for
+from p11guard.testbed._proxy_control import member_status, proxy_control
+from p11guard.testbed._softhsm import find_tools, init_softhsm_token
 
 __all__ = ["FAULTS", "MAX_MEMBERS", "Testbed", "TestbedError", "find_tools", "member_names"]
 
@@ -36,55 +37,6 @@ __all__ = ["FAULTS", "MAX_MEMBERS", "Testbed", "TestbedError", "find_tools", "me
 FAULTS = ("lose", "restore", "hang", "latency", "kill-server", "start-server")
 #: The most members a testbed runs (member names are ``hsm-a`` ... ``hsm-h``).
 MAX_MEMBERS = 8
-_INSTALL_HINT = "install them with: apt-get update && apt-get install -y softhsm2 p11-kit p11-kit-modules"
-
-
-class TestbedError(P11GuardError):
-    """The testbed cannot do what was asked; the message says what to do."""
-
-    __test__ = False  # not a pytest test class
-
-
-def find_tools() -> dict[str, str]:
-    """Locate SoftHSM2, ``p11-kit`` and ``p11-kit-client.so``.
-
-    Raises:
-        TestbedError: something is missing (names the Debian packages to install).
-    """
-
-    def first(env: str, candidates: list[str]) -> str | None:
-        if env in os.environ:  # an explicit choice (also how tests simulate a missing tool)
-            return os.environ[env] if os.path.exists(os.environ[env]) else None
-        return next(iter(candidates), None)
-
-    softhsm = first(
-        "P11GUARD_SOFTHSM2_MODULE",
-        glob.glob("/usr/lib/softhsm/libsofthsm2.so") + glob.glob("/usr/lib/*/softhsm/libsofthsm2.so"),
-    )
-    p11kit = first("P11GUARD_P11KIT", [p for p in [shutil.which("p11-kit")] if p])
-    client = first(
-        "P11GUARD_P11KIT_CLIENT",
-        glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so") + glob.glob("/usr/lib/pkcs11/p11-kit-client.so"),
-    )
-    missing = [
-        name for name, path in (("softhsm2", softhsm), ("p11-kit", p11kit), ("p11-kit-modules", client)) if not path
-    ]
-    if missing:
-        raise TestbedError(f"missing Debian packages: {', '.join(missing)}; {_INSTALL_HINT}")
-    assert softhsm and p11kit and client
-    return {"softhsm": softhsm, "p11kit": p11kit, "client": client}
-
-
-_INIT_TOKEN = r"""
-import json, sys, PyKCS11
-d = json.loads(sys.stdin.read())
-lib = PyKCS11.PyKCS11Lib(); lib.load(d["module"])
-free = [s for s in lib.getSlotList() if not lib.getTokenInfo(s).flags & PyKCS11.CKF_TOKEN_INITIALIZED]
-lib.initToken(free[0], d["so"], d["label"].ljust(32))
-slot = [s for s in lib.getSlotList() if lib.getTokenInfo(s).label.rstrip(" \x00") == d["label"]][0]
-s = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
-s.login(d["so"], PyKCS11.CKU_SO); s.initPin(d["user"]); s.logout(); s.closeSession()
-"""
 
 
 def member_names(count: int) -> list[str]:
@@ -92,46 +44,6 @@ def member_names(count: int) -> list[str]:
     if not 1 <= count <= MAX_MEMBERS:
         raise TestbedError(f"members must be between 1 and {MAX_MEMBERS}, not {count}")
     return ["hsm"] if count == 1 else [f"hsm-{chr(ord('a') + i)}" for i in range(count)]
-
-
-def _alive(pid: int | None, created: float | None) -> bool:
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and (created is None or abs(proc.create_time() - created) < 0.01)
-    except psutil.Error:
-        return False
-
-
-def _stop_tree(pid: int | None, created: float | None, timeout: float = 5.0) -> None:
-    """Stop a process and all its descendants, by pid (never by name)."""
-    if not _alive(pid, created):
-        return
-    assert pid is not None
-    try:
-        root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
-    except psutil.Error:
-        return
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, left = psutil.wait_procs(procs, timeout=timeout / 2)
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(left, timeout=timeout / 2)
-
-
-def _wait_for(cond: Any, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    delay = 0.005
-    while not cond():
-        if time.monotonic() > end:
-            raise TestbedError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(delay)  # polling a condition with a deadline, not a fixed wait
-        delay = min(delay * 2, 0.1)
 
 
 class Testbed:
@@ -218,7 +130,7 @@ class Testbed:
     @property
     def is_up(self) -> bool:
         members = self._members(self._state())
-        return bool(members) and all(_alive(m.get("proxy_pid"), m.get("proxy_created")) for m in members)
+        return bool(members) and all(alive(m.get("proxy_pid"), m.get("proxy_created")) for m in members)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -247,7 +159,7 @@ class Testbed:
         tools = find_tools()
         self.down()  # a half-dead testbed from an earlier run: stop what is left of it
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._ensure_token(tools)
+        init_softhsm_token(self.dir, tools, self.token_label)
         # Unix socket paths are limited to ~107 bytes: use a short dir when ours is long.
         sockdir = self.dir / "sock"
         if len(str(sockdir)) > 80:
@@ -273,14 +185,18 @@ class Testbed:
                 self._start_server(state, member, timeout)
                 self._start_proxy(state, member)
             for member in state["members"]:
-                _wait_for(lambda m=member: os.path.exists(m["control_socket"]), timeout, "the fault proxy")
-            self._write_configs(tools, state)
+                wait_for(functools.partial(os.path.exists, member["control_socket"]), timeout, "the fault proxy")
+            write_client_configs(self.dir, tools, state, self.token_label)
             for member in state["members"]:
                 self._check_client(member, timeout)
         except BaseException:
             self.down()
             raise
         return True
+
+    def make_token(self) -> None:
+        """Make this testbed's token (and PIN files) without starting anything."""
+        init_softhsm_token(self.dir, find_tools(), self.token_label)
 
     def _log(self, what: str, member: dict[str, Any]) -> Path:
         return self.dir / (f"{what}.log" if member["name"] == "hsm" else f"{what}-{member['name']}.log")
@@ -308,35 +224,6 @@ class Testbed:
         member["proxy_pid"] = proc.pid
         member["proxy_created"] = psutil.Process(proc.pid).create_time()
         self._save(state)
-
-    def _ensure_token(self, tools: dict[str, str]) -> None:
-        tokens = self.dir / "tokens"
-        ready = self.dir / "token.ready"
-        if ready.exists():
-            return
-        shutil.rmtree(tokens, ignore_errors=True)  # a half-made token from an interrupted run
-        tokens.mkdir(parents=True, exist_ok=True)
-        self.softhsm_conf.write_text(
-            f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n"
-        )
-        user, so = secrets.token_hex(8), secrets.token_hex(8)
-        for path, value in ((self.pin_path, user), (self.dir / "so.pin", so)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(value + "\n")
-        # PINs go through stdin: never on a command line.
-        done = subprocess.run(
-            [sys.executable, "-c", _INIT_TOKEN],
-            input=json.dumps({"module": tools["softhsm"], "label": self.token_label, "so": so, "user": user}),
-            env={**os.environ, "SOFTHSM2_CONF": str(self.softhsm_conf)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if done.returncode != 0:
-            tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-            raise TestbedError(f"cannot initialise the SoftHSM2 token: {tail[0]}")
-        ready.write_text(self.token_label + "\n")
 
     def _start_server(self, state: dict[str, Any], member: dict[str, Any], timeout: float) -> None:
         tools = state["tools"]
@@ -371,39 +258,7 @@ class Testbed:
                 raise TestbedError(f"p11-kit server exited with {proc.returncode}; see {log_path}")
             return os.path.exists(member["server_socket"])
 
-        _wait_for(ready, timeout, f"p11-kit server of {member['name']}")
-
-    def _write_configs(self, tools: dict[str, str], state: dict[str, Any]) -> None:
-        common = (
-            f'[group]\ntoken_label = "{self.token_label}"\npin_file = "{self.pin_path}"\n\n'
-            "[timeouts]\nprobe_interval_s = 1.0\n\n"
-            "[recovery]\nbackoff_initial_s = 0.05\nbackoff_max_s = 0.5\n\n"
-            "[testing]\nfault_injection = true\n"
-        )
-        members = state["members"]
-        if len(members) == 1:
-            network = (
-                "# Written by `p11guard testbed up`: the simulated network HSM group.\n"
-                f'[module]\npath = "{tools["client"]}"\n'
-                f'env = {{ P11_KIT_SERVER_ADDRESS = "unix:path={members[0]["proxy_socket"]}" }}\n\n' + common
-            )
-        else:
-            network = (
-                f"# Written by `p11guard testbed up --members {len(members)}`: the simulated network HSM group.\n"
-                f'[module]\npath = "{tools["client"]}"\n\n'
-                + common
-                + "".join(
-                    f'\n[[group.members]]\nname = "{m["name"]}"\n'
-                    f'env = {{ P11_KIT_SERVER_ADDRESS = "unix:path={m["proxy_socket"]}" }}\n'
-                    for m in members
-                )
-            )
-        self.config_path.write_text(network)
-        self.direct_config_path.write_text(
-            "# Written by `p11guard testbed up`: SoftHSM2 loaded in-process, no network.\n"
-            f'[module]\npath = "{tools["softhsm"]}"\n'
-            f'env = {{ SOFTHSM2_CONF = "{self.softhsm_conf}" }}\n\n' + common
-        )
+        wait_for(ready, timeout, f"p11-kit server of {member['name']}")
 
     def _check_client(self, member: dict[str, Any], timeout: float) -> None:
         from p11guard.host import HostProcess
@@ -463,8 +318,8 @@ class Testbed:
         if not st:
             return
         for member in self._members(st):
-            _stop_tree(member.get("proxy_pid"), member.get("proxy_created"))
-            _stop_tree(member.get("server_pid"), member.get("server_created"))
+            stop_tree(member.get("proxy_pid"), member.get("proxy_created"))
+            stop_tree(member.get("server_pid"), member.get("server_created"))
         sockdir = st.get("sockdir")
         if sockdir and Path(sockdir) != self.dir / "sock":
             shutil.rmtree(sockdir, ignore_errors=True)
@@ -482,7 +337,7 @@ class Testbed:
         for member in self._members(self._state()):
             for key in ("server", "proxy"):
                 pid, created = member.get(f"{key}_pid"), member.get(f"{key}_created")
-                if _alive(pid, created):
+                if alive(pid, created):
                     assert pid is not None
                     with contextlib.suppress(psutil.Error):
                         out += [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
@@ -493,28 +348,12 @@ class Testbed:
     def _require_up(self) -> dict[str, Any]:
         st = self._state()
         if not self._members(st) or not any(
-            _alive(m.get("proxy_pid"), m.get("proxy_created")) for m in self._members(st)
+            alive(m.get("proxy_pid"), m.get("proxy_created")) for m in self._members(st)
         ):
             raise TestbedError(
                 f"no testbed is running in {self.dir}; start one with: p11guard testbed up --dir {self.dir}"
             )
         return st
-
-    def _control(self, member: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            sock.connect(member["control_socket"])
-            sock.sendall(json.dumps(msg).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        reply: dict[str, Any] = json.loads(data)
-        if not reply.get("ok"):
-            raise TestbedError(str(reply.get("error")))
-        return reply
 
     def fault(self, name: str, ms: float | None = None, member: str | None = None) -> dict[str, Any]:
         """Inject a fault: ``lose``, ``restore``, ``hang``, ``latency`` (ms), ``kill-server``,
@@ -536,29 +375,15 @@ class Testbed:
                 raise TestbedError(f"no member {member!r} in this testbed; its members: {known}")
         for target in targets:
             if name == "kill-server":
-                _stop_tree(target.get("server_pid"), target.get("server_created"))
+                stop_tree(target.get("server_pid"), target.get("server_created"))
                 target["server_pid"] = target["server_created"] = None
                 self._save(st)
             elif name == "start-server":
-                if not _alive(target.get("server_pid"), target.get("server_created")):
+                if not alive(target.get("server_pid"), target.get("server_created")):
                     self._start_server(st, target, 30.0)
             else:
-                self._control(target, {"cmd": name, "ms": ms})
+                proxy_control(target["control_socket"], {"cmd": name, "ms": ms})
         return self.status(member)
-
-    def _member_status(self, member: dict[str, Any]) -> dict[str, Any]:
-        proxy_up = _alive(member.get("proxy_pid"), member.get("proxy_created"))
-        server_up = _alive(member.get("server_pid"), member.get("server_created"))
-        out: dict[str, Any] = {
-            "name": member["name"],
-            "address": f"unix:path={member['proxy_socket']}",
-            "server": {"pid": member.get("server_pid") if server_up else None, "running": server_up},
-            "proxy": {"pid": member.get("proxy_pid") if proxy_up else None, "running": proxy_up},
-        }
-        if proxy_up:
-            with contextlib.suppress(OSError, ValueError, TestbedError):
-                out["fault"] = {k: v for k, v in self._control(member, {"cmd": "status"}).items() if k != "ok"}
-        return out
 
     def status(self, member: str | None = None) -> dict[str, Any]:
         """Which processes run and which fault is active, per member.
@@ -570,7 +395,7 @@ class Testbed:
         members = self._members(st)
         if not members:
             return {"up": False, "dir": str(self.dir)}
-        listed = [self._member_status(m) for m in members]
+        listed = [member_status(m) for m in members]
         first = next((m for m in listed if m["name"] == member), listed[0])
         out: dict[str, Any] = {
             "up": all(m["proxy"]["running"] for m in listed),

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import statistics
 import sys
 import tempfile
 import threading
@@ -25,6 +24,7 @@ from typing import Any
 from p11guard._guard import Guard
 from p11guard.base import UserError
 from p11guard.cli._verify import verify_signature
+from p11guard.testing._soak import maybe_sample, not_zombie, soak_verdict
 
 __all__ = ["Fault", "OpRecord", "check", "main", "make_schedule"]
 
@@ -286,7 +286,7 @@ def run(seed: int, duration_s: float, soak: bool, say: Any, workdir: Path) -> di
             while time.monotonic() - start < fault.at_s:
                 pids |= set(guard.host_pids().values())
                 if soak:
-                    _maybe_sample(rss, guard, start)
+                    maybe_sample(rss, guard, start)
                 time.sleep(min(0.25, max(0.0, fault.at_s - (time.monotonic() - start))))
             say(f"t={time.monotonic() - start:6.2f}s inject {fault.kind}")
             _apply(fault, bed, guard)
@@ -294,7 +294,7 @@ def run(seed: int, duration_s: float, soak: bool, say: Any, workdir: Path) -> di
         while time.monotonic() - start < duration_s:
             pids |= set(guard.host_pids().values())
             if soak:
-                _maybe_sample(rss, guard, start)
+                maybe_sample(rss, guard, start)
             time.sleep(0.25)
         # let the last fault heal, then stop the load
         end = time.monotonic() + 15
@@ -308,13 +308,13 @@ def run(seed: int, duration_s: float, soak: bool, say: Any, workdir: Path) -> di
         pids |= set(guard.host_pids().values())
         guard.close()
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(psutil.pid_exists(p) and _not_zombie(p) for p in pids):
+        while time.monotonic() < deadline and any(psutil.pid_exists(p) and not_zombie(p) for p in pids):
             time.sleep(0.05)
-        leaked = [p for p in pids if psutil.pid_exists(p) and _not_zombie(p)]
+        leaked = [p for p in pids if psutil.pid_exists(p) and not_zombie(p)]
         fd_growth = me.num_fds() - fds_before
         violations = check(work.records, status, pem, leaked, fd_growth, final_state)
         if soak:
-            violations += _soak_verdict(rss, workdir, say)
+            violations += soak_verdict(rss, workdir, say)
     finally:
         bed.down()
     ops = len(work.records)
@@ -333,68 +333,6 @@ def run(seed: int, duration_s: float, soak: bool, say: Any, workdir: Path) -> di
         "schedule": [asdict(f) for f in schedule],
         "round_trip": "aes-gcm encrypt+decrypt" if gcm else "hmac-sha256 sign+verify (no GCM through this module)",
     }
-
-
-def _not_zombie(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _maybe_sample(rss: list[dict[str, Any]], guard: Guard, start: float) -> None:
-    """One RSS sample a second."""
-    if not rss or time.monotonic() - start - rss[-1]["t"] >= 1.0:
-        rss.append(_rss_sample(guard, start))
-
-
-def _rss_sample(guard: Guard, start: float) -> dict[str, Any]:
-    import psutil
-
-    sample: dict[str, Any] = {
-        "t": round(time.monotonic() - start, 2),
-        "supervisor_mib": psutil.Process().memory_info().rss / 2**20,
-    }
-    for name, pid in guard.host_pids().items():
-        try:
-            sample[name] = psutil.Process(pid).memory_info().rss / 2**20
-        except psutil.Error:
-            pass
-    return sample
-
-
-def _soak_verdict(rss: list[dict[str, Any]], workdir: Path, say: Any) -> list[str]:
-    """Memory must not keep growing: compare the last third with the middle third."""
-    out: list[str] = []
-    if len(rss) < 9:
-        return out
-    third = len(rss) // 3
-    mid = statistics.median(s["supervisor_mib"] for s in rss[third : 2 * third])
-    last = statistics.median(s["supervisor_mib"] for s in rss[2 * third :])
-    if last > mid * 1.10 + 2:
-        out.append(f"supervisor RSS keeps growing: {mid:.1f} -> {last:.1f} MiB")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(10, 5))
-        ax.plot([s["t"] for s in rss], [s["supervisor_mib"] for s in rss], label="supervisor")
-        for name in sorted({k for s in rss for k in s if k.startswith(("worker", "probe"))}):
-            pts = [(s["t"], s[name]) for s in rss if name in s]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=0.8)
-        ax.set_xlabel("s")
-        ax.set_ylabel("RSS MiB")
-        ax.legend()
-        path = Path("chaos-soak-rss.png").resolve()
-        fig.savefig(path, dpi=80)
-        say(f"RSS plot: {path}")
-    except ImportError:
-        say("matplotlib not installed: no RSS plot")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from p11guard import Config, Guard
+from p11guard.base import poll_until
 from p11guard.host import HostProcess
 from p11guard.testbed import Testbed
 
@@ -26,13 +26,7 @@ SECRETS = {"test-aes": "aes-256", "test-hmac": "hmac-sha256"}
 
 def wait_until(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
     """Poll ``cond`` until it is true or ``timeout`` passes (no fixed sleeps in tests)."""
-    end = time.monotonic() + timeout
-    delay = 0.005
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+    poll_until(cond, timeout, what, AssertionError, max_delay=0.05)
 
 
 def gone(pid: int) -> bool:

@@ -192,7 +192,7 @@ def test_members_without_the_label_or_the_pin_are_kept_out(ha: Testbed, tmp_path
     # A fourth "member" that answers without our token label, and a fifth whose token
     # (another SoftHSM2 store, same label) has another PIN.
     other = Testbed(tmp_path / "other", token_label=ha.token_label)
-    other._ensure_token(find_tools())
+    other.make_token()
     config = ha_config(ha)
     a_env = dict(config.members[0].env)
     config = config.replace(

@@ -38,10 +38,10 @@ def test_total_loss_under_load(net_config: Config, group: Testbed) -> None:
         group.fault("restore")
         wait_until(lambda: g.state == "SERVING" and g.generation == 1, 15, "recovery")
         progress_after(load)
+        status = g.status()
     assert load.errors == []
     load.verify_all(pem)
-    status = g.status() if g.state != "CLOSED" else None
-    assert status is None or status["generation"] == 1
+    assert status["generation"] == 1 and status["counters"]["recoveries"] == 1
 
 
 def test_total_loss_status_and_single_generation(net_config: Config, group: Testbed) -> None:

@@ -1,0 +1,211 @@
+"""The supervisor's books and the primitives every decision uses.
+
+:class:`SupervisorBase` holds the state, the members, the worker slots, the queue, the
+in-flight jobs, outages and counters, and changes them only through small primitives
+(:meth:`_set_state`, :meth:`_settle`, :meth:`_fail`...). The decisions are its
+subclasses: :mod:`._recovery` (workers, probes, members, group recovery) and
+:mod:`._supervisor` (the actor's messages, admission, dispatch, closing).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import pykka
+
+from p11guard.actors import Job
+from p11guard.base import (
+    AuthError,
+    Config,
+    ConfigError,
+    GuardFailed,
+    HostError,
+    OpTimeout,
+    OutcomeUnknown,
+    RemoteError,
+    Secret,
+)
+from p11guard.protocol import LOSS_KINDS
+from p11guard.supervisor._admission import AdmissionQueue
+from p11guard.supervisor._effects import Effects
+from p11guard.supervisor._states import (
+    DISPATCHING,
+    FINAL,
+    Counters,
+    InFlight,
+    Member,
+    MemberState,
+    Outage,
+    SharedState,
+    SlotState,
+    State,
+    WorkerSlot,
+)
+
+__all__ = ["SupervisorBase", "is_loss", "short"]
+
+log = logging.getLogger("p11guard")
+
+
+def is_loss(error: BaseException | None) -> bool:
+    """A loss signal: the worker is suspect and the group must be probed."""
+    if isinstance(error, HostError):
+        return True
+    return isinstance(error, RemoteError) and error.kind in LOSS_KINDS
+
+
+def short(error: BaseException | None) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+class SupervisorBase(pykka.ThreadingActor):
+    """The books, and the primitives that change them."""
+
+    def __init__(self, config: Config, started: Future[None], shared: SharedState, effects: Effects) -> None:
+        super().__init__()
+        self.config = config
+        self.started = started
+        self.shared = shared
+        self.effects = effects
+        self.lane = effects.lane
+        self.state = State.STARTING
+        self.generation = 0
+        self.members: dict[str, Member] = {}
+        named = config.member_configs()
+        # Every member gets at least one worker; the rest are dealt round-robin.
+        total = max(config.workers, len(named))
+        for i, (name, member_config) in enumerate(named):
+            self.members[name] = Member(name, member_config, total // len(named) + (i < total % len(named)))
+        self.slots: dict[int, WorkerSlot] = {}
+        self.idle: deque[int] = deque()
+        self.queue = AdmissionQueue()
+        self.inflight: dict[int, InFlight] = {}
+        self.outages: list[Outage] = []
+        self.outage: Outage | None = None
+        self.counters = Counters()
+        self.last_probe: dict[str, Any] | None = None
+        self.callbacks: list[Callable[[str, str, dict[str, Any]], None]] = []
+        self.failed_reason: str | None = None
+        self.closing = False
+        self.close_future: Future[None] | None = None
+        self._next_wid = 0
+        self._pin: Secret | None = None
+
+    # -- to be decided by the subclasses -------------------------------------------------
+
+    def _dispatch(self) -> None:
+        raise NotImplementedError
+
+    def _stop_slots(self, slots: list[WorkerSlot], forget: bool = True) -> None:
+        raise NotImplementedError
+
+    # -- primitives ---------------------------------------------------------------------
+
+    def _load_pin(self) -> bool:
+        """Read the PIN (again: it may have changed); a config error fails the guard."""
+        try:
+            self._pin = self.config.load_pin()
+        except ConfigError as exc:
+            self._fail(str(exc), exc)
+            return False
+        return True
+
+    def _after(self, delay: float, message: Any) -> None:
+        self.effects.after(delay, self.actor_ref, message)
+
+    def _backoff(self, attempt: int) -> float:
+        """Seconds before retry ``attempt`` (1, 2, ...): exponential, capped, with jitter."""
+        delay: float = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2.0 ** max(attempt - 1, 0))
+        return delay * random.uniform(0.5, 1.0)  # jitter: many clients must not retry in step
+
+    def _set_state(self, new: State, cause: str | None = None) -> None:
+        old = self.state
+        if old == new:
+            return
+        self.state = new
+        self.shared.state = new
+        self.shared.generation = self.generation
+        level = logging.WARNING if new in (State.SUSPECT, State.LOST, State.FAILED) else logging.INFO
+        log.log(level, "state %s -> %s (generation %d)%s", old, new, self.generation, f": {cause}" if cause else "")
+        info = {"generation": self.generation, "cause": cause}
+        for callback in list(self.callbacks):
+            try:
+                callback(str(old), str(new), info)
+            except Exception:
+                log.exception("state-change callback failed")
+
+    def _refresh(self, cause: str) -> None:
+        """SERVING while some member serves, SUSPECT while none does but some is in service."""
+        if self.state not in DISPATCHING:
+            return
+        if any(m.state == MemberState.SERVING for m in self.members.values()):
+            self._set_state(State.SERVING, cause)
+        else:
+            self._set_state(State.SUSPECT, cause)
+
+    def _member_slots(self, member: Member) -> list[WorkerSlot]:
+        return [s for s in self.slots.values() if s.member == member.name]
+
+    def _settle(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
+        """Complete the caller's Future (once; a job settled before is left alone)."""
+        if job.future.done():
+            return
+        count = len(job.items) if job.items else 1
+        if error is None:
+            job.future.set_result(result)
+            self.counters.ops_ok += count
+        else:
+            job.future.set_exception(error)
+            self.counters.ops_failed += count
+            if isinstance(error, OutcomeUnknown):
+                self.counters.outcome_unknown += 1
+
+    def _expire(self, job: Job) -> None:
+        self._settle(job, error=OpTimeout(job.name, self.config.op_deadline_s, str(self.state), job.last_error))
+
+    def _fail_queue(self, error: BaseException) -> None:
+        for job in self.queue.drain():
+            self._settle(job, error=error)
+
+    def _fail(self, reason: str, error: BaseException | None = None) -> None:
+        """FAILED: a reason retrying cannot fix. Everything waiting gets :class:`GuardFailed`."""
+        if isinstance(error, AuthError):
+            self.counters.login_failures += 1
+        if self.state in FINAL:
+            return
+        self.failed_reason = reason
+        self.shared.failed_reason = reason
+        if self.outage is not None:
+            self.outages.append(self.outage)
+            self.outage = None
+        self._set_state(State.FAILED, reason)
+        self._stop_slots(list(self.slots.values()), forget=False)
+        self.effects.kill_all_hosts()
+        self._fail_queue(GuardFailed(reason))
+        if not self.started.done():
+            self.started.set_exception(error if error is not None else GuardFailed(reason))
+        self._maybe_closed()
+
+    def _check_started(self) -> None:
+        """``Guard()`` returns once every worker has started or given up, one serving."""
+        if self.started.done():
+            return
+        if any(s.status == SlotState.STARTING for s in self.slots.values()):
+            return
+        if any(s.status in (SlotState.IDLE, SlotState.BUSY) for s in self.slots.values()):
+            self.started.set_result(None)
+
+    def _maybe_closed(self) -> None:
+        if (
+            self.closing
+            and self.close_future is not None
+            and not self.close_future.done()
+            and not self.queue
+            and not self.inflight
+        ):
+            self.close_future.set_result(None)

@@ -1,0 +1,191 @@
+"""The supervisor's books: state enums and the records it keeps of members, workers, outages.
+
+Plain data, no behaviour beyond small predicates: the decisions are in
+:mod:`._supervisor` and :mod:`._recovery`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import pykka
+
+from p11guard.actors import Job
+from p11guard.base import Config
+
+__all__ = [
+    "DISPATCHING",
+    "FINAL",
+    "MAX_ATTEMPTS",
+    "Counters",
+    "InFlight",
+    "Member",
+    "MemberState",
+    "Outage",
+    "SharedState",
+    "SlotState",
+    "State",
+    "WorkerSlot",
+]
+
+
+class State(StrEnum):
+    """The group's state, as :attr:`Guard.state` shows it."""
+
+    STARTING = "STARTING"
+    SERVING = "SERVING"
+    SUSPECT = "SUSPECT"
+    LOST = "LOST"
+    RECOVERING = "RECOVERING"
+    FAILED = "FAILED"
+    CLOSED = "CLOSED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class MemberState(StrEnum):
+    """One member's state (``status()["members"][i]["state"]``).
+
+    ``starting`` (first probe, then its workers), ``serving``, ``suspect`` (a worker
+    reported a loss signal; probe pending), ``lost`` (re-probed with backoff),
+    ``recovering`` (answers again; its workers start), ``out`` (kept out: wrong token or
+    PIN -- never retried for the PIN).
+    """
+
+    STARTING = "starting"
+    SERVING = "serving"
+    SUSPECT = "suspect"
+    LOST = "lost"
+    RECOVERING = "recovering"
+    OUT = "out"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SlotState(StrEnum):
+    """One worker's state (``status()["workers"][i]["status"]``)."""
+
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    SUSPECT = "suspect"
+    RENEWING = "renewing"
+    STOPPING = "stopping"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: States in which work is dispatched to workers.
+DISPATCHING = frozenset({State.SERVING, State.SUSPECT})
+#: States nothing leaves.
+FINAL = frozenset({State.FAILED, State.CLOSED})
+#: Runs of one job that may end in a loss signal before its last error is its answer.
+MAX_ATTEMPTS = 8
+
+
+class SharedState:
+    """What the Guard reads without asking the actor: the state and why it failed."""
+
+    def __init__(self) -> None:
+        self.state = State.STARTING
+        self.failed_reason: str | None = None
+        self.generation = 0
+        self.recoveries = 0
+        self.members_serving = 0
+        self.members_total = 0
+
+
+@dataclass
+class WorkerSlot:
+    """The supervisor's view of one worker of the current generation."""
+
+    wid: int
+    generation: int
+    member: str = "default"
+    ref: pykka.ActorRef[Any] | None = None
+    status: SlotState = SlotState.STARTING
+    pid: int | None = None
+    job: Job | None = None
+    ops: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    last_error_kind: str | None = None
+    sessions_opened: int = 0
+    restarts: int = 0
+    fail_streak: int = 0
+
+
+@dataclass
+class Outage:
+    start: float
+    start_mono: float
+    cause: str
+    generation: int
+    end: float | None = None
+    duration_s: float | None = None
+
+    @classmethod
+    def begin(cls, cause: str, generation: int) -> Outage:
+        return cls(time.time(), time.monotonic(), cause, generation)
+
+    def finish(self) -> None:
+        self.end = time.time()
+        self.duration_s = round(time.monotonic() - self.start_mono, 3)
+
+
+class Member:
+    """The supervisor's view of one member of the group (``LunaHAStatus`` has one per member)."""
+
+    IN_SERVICE = frozenset({MemberState.STARTING, MemberState.SERVING, MemberState.SUSPECT, MemberState.RECOVERING})
+
+    def __init__(self, name: str, config: Config, workers: int) -> None:
+        self.name = name
+        self.config = config
+        self.workers = workers
+        self.health: pykka.ActorRef[Any] | None = None
+        self.state = MemberState.STARTING
+        self.generation = 0
+        self.attempt = 0
+        self.reason: str | None = None
+        self.outage: Outage | None = None
+        self.outages: list[Outage] = []
+        self.losses = 0
+        self.recoveries = 0
+        self.last_probe: dict[str, Any] | None = None
+
+    @property
+    def in_service(self) -> bool:
+        return self.state in self.IN_SERVICE
+
+    def __repr__(self) -> str:
+        return f"<Member {self.name} {self.state} generation={self.generation}>"
+
+
+@dataclass
+class Counters:
+    ops_ok: int = 0
+    ops_failed: int = 0
+    ops_retried: int = 0
+    outcome_unknown: int = 0
+    recoveries: int = 0
+    probes: int = 0
+    probes_failed: int = 0
+    login_failures: int = 0
+    member_losses: int = 0
+    member_recoveries: int = 0
+
+
+@dataclass
+class InFlight:
+    """A job on a worker: which worker, of which generation, since when."""
+
+    generation: int
+    wid: int
+    job: Job
+    since: float = field(default_factory=time.monotonic)

@@ -1,0 +1,228 @@
+"""The supervisor's decisions, in-process and in milliseconds (no process, no PKCS#11).
+
+Every transition of the state machine is driven message by message through a
+:class:`decisions.Rig`, whose effects are recorded; the same decisions are exercised
+against real processes and a real network testbed in ``test_supervision.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+from decisions import Rig, make_config
+
+from p11guard import (
+    AuthError,
+    GroupLossError,
+    GuardClosed,
+    GuardFailed,
+    HostCrashed,
+    OpTimeout,
+    OutcomeUnknown,
+    OutOfService,
+    UserError,
+)
+from p11guard.actors import JobDone, Renew, Report, RunJob, StartProbe, WorkerReady
+from p11guard.supervisor import (
+    AdmissionQueue,
+    Close,
+    MemberAttempt,
+    MemberState,
+    SlotState,
+    State,
+    StatusRequest,
+    SupervisorTick,
+    refusal,
+)
+
+
+def loss(op: str = "sign") -> GroupLossError:
+    return GroupLossError("lost", kind="group_loss", ckr=0x30, name="CKR_DEVICE_ERROR", op=op)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return Rig(make_config(tmp_path))
+
+
+def test_start_probe_then_workers_then_serving(rig: Rig) -> None:
+    assert rig.sup.state == State.STARTING
+    (probe,) = rig.effects.health["default"].of(StartProbe)
+    assert probe.generation == 0 and not probe.handover
+    rig.probe()
+    assert [w.wid for w in rig.effects.workers] == [0, 1] and not rig.started.done()
+    rig.ready(rig.effects.workers[:1])
+    assert rig.sup.state == State.SERVING and not rig.started.done()  # one worker still starting
+    rig.ready(rig.effects.workers[1:])
+    assert rig.started.result(0) is None and rig.shared.members_serving == 1
+
+
+def test_wrong_pin_at_start_fails_once_and_is_never_retried(rig: Rig) -> None:
+    error = AuthError("login refused", kind="auth", ckr=0xA0, name="CKR_PIN_INCORRECT")
+    rig.probe(ok=False, error=error)
+    assert rig.sup.state == State.FAILED and rig.sup.counters.login_failures == 1
+    with pytest.raises(AuthError):
+        rig.started.result(0)
+    assert rig.effects.workers == [] and rig.effects.scheduled == []  # no retry, no worker login
+    job = rig.job()
+    rig.sup._on_submit(job)
+    with pytest.raises(GuardFailed, match="CKR_PIN_INCORRECT"):
+        job.future.result(0)
+
+
+def test_loss_signal_then_probe_answers_renews_only_that_worker(rig: Rig) -> None:
+    rig.serve()
+    job = rig.job()
+    rig.sup._on_submit(job)
+    w = next(w for w in rig.effects.workers if w.ref.of(RunJob))
+    rig.send(JobDone(w.wid, 0, job, error=loss()))
+    assert rig.sup.state == State.SUSPECT  # the only member is suspect
+    assert rig.sup.members["default"].state == MemberState.SUSPECT
+    (report,) = rig.effects.health["default"].of(Report)
+    assert report.wid == w.wid
+    rig.probe(fresh=False)  # the probe answers: a false alarm
+    assert rig.sup.state == State.SERVING and rig.sup.generation == 0
+    assert [type(m) for m in w.ref.told if isinstance(m, Renew)] == [Renew]
+    others = [x for x in rig.effects.workers if x is not w]
+    assert all(not x.ref.of(Renew) for x in others)
+    assert "all" not in rig.effects.kills
+    # the job went back to the queue and then to the other (idle) worker: retried, not failed
+    assert not job.future.done() and any(m.job is job for x in others for m in x.ref.of(RunJob))
+
+
+def test_probe_fails_group_recovers_with_a_new_generation(rig: Rig) -> None:
+    rig.serve()
+    old = list(rig.effects.workers)
+    job, generate = rig.job(), rig.job("generate_key_pair", idempotent=False)
+    rig.sup._on_submit(job)
+    rig.sup._on_submit(generate)
+    by_job = {m.job.seq: w for w in old for m in w.ref.of(RunJob)}
+    rig.send(JobDone(by_job[job.seq].wid, 0, job, error=loss()))
+    rig.probe(ok=False, error=loss("probe"), fresh=False)
+    assert rig.sup.state == State.RECOVERING and rig.sup.generation == 1
+    assert "all" in rig.effects.kills and all(w.ref.stopped for w in old)
+    # the token-changing job in flight: never retried blindly
+    rig.send(JobDone(by_job[generate.seq].wid, 0, generate, error=HostCrashed("killed")))
+    with pytest.raises(OutcomeUnknown, match="generate_key_pair"):
+        generate.future.result(0)
+    # the group answers again: one fresh probe, new workers of generation 1
+    rig.probe()
+    new = rig.current()
+    assert new and all(w.generation == 1 for w in new) and new[0].given is None
+    rig.ready(new)
+    assert rig.sup.state == State.SERVING and rig.sup.counters.recoveries == 1
+    # the idempotent job is retried on the new generation only
+    assert any(m.job is job for w in new for m in w.ref.of(RunJob))
+    assert len(rig.sup.outages) == 1 and "CKR_DEVICE_ERROR" in rig.sup.outages[0].cause
+
+
+def test_stale_generation_messages_change_nothing(rig: Rig) -> None:
+    rig.serve()
+    old = list(rig.effects.workers)
+    rig.probe(ok=False, error=loss("probe"), fresh=False)
+    assert rig.sup.generation == 1
+    rig.probe()
+    rig.ready(rig.current())
+    state, slots = rig.sup.state, dict(rig.sup.slots)
+    stale = rig.job()
+    rig.send(JobDone(old[0].wid, 0, stale, error=loss()))  # from a worker of generation 0
+    rig.send(JobDone(old[1].wid, 0, rig.job(), result=b"sig"))
+    rig.send(WorkerReady(old[0].wid, 0, 1, 1))
+    assert rig.sup.state == state == State.SERVING and rig.sup.slots == slots
+    assert rig.sup.generation == 1 and rig.sup.counters.recoveries == 1
+    assert not rig.effects.health["default"].of(Report)[1:]  # no report counted for generation 0
+
+
+def test_member_loss_is_not_a_group_loss(tmp_path: Path) -> None:
+    rig = Rig(make_config(tmp_path, members=2, workers=4))
+    rig.serve()
+    assert rig.sup.state == State.SERVING and rig.shared.members_serving == 2
+    rig.probe("m0", ok=False, error=loss("probe"), fresh=False)
+    m0 = rig.sup.members["m0"]
+    assert m0.state == MemberState.LOST and m0.generation == 1
+    assert rig.sup.state == State.SERVING and rig.sup.generation == 0 and "all" not in rig.effects.kills
+    assert any(isinstance(m, MemberAttempt) and m.member == "m0" for _, m in rig.effects.scheduled)
+    # the other member goes too: now it is the group
+    rig.probe("m1", ok=False, error=loss("probe"), fresh=False)
+    assert rig.sup.state == State.RECOVERING and rig.sup.generation == 1 and "all" in rig.effects.kills
+
+
+def test_fail_fast_answers_at_once_queue_waits(tmp_path: Path) -> None:
+    for policy in ("fail_fast", "queue"):
+        rig = Rig(make_config(tmp_path, policy=policy))
+        rig.serve()
+        rig.probe(ok=False, error=loss("probe"), fresh=False)
+        assert rig.sup.state == State.RECOVERING
+        job = rig.job()
+        rig.sup._on_submit(job)
+        if policy == "fail_fast":
+            with pytest.raises(OutOfService, match="RECOVERING"):
+                job.future.result(0)
+        else:
+            assert not job.future.done() and len(rig.sup.queue) == 1
+
+
+def test_user_errors_are_answers_not_loss_signals(rig: Rig) -> None:
+    rig.serve()
+    job = rig.job()
+    rig.sup._on_submit(job)
+    w = next(w for w in rig.effects.workers if w.ref.of(RunJob))
+    rig.send(JobDone(w.wid, 0, job, error=UserError("no key", kind="user", name="key_not_found")))
+    with pytest.raises(UserError):
+        job.future.result(0)
+    assert rig.sup.state == State.SERVING and not rig.effects.health["default"].of(Report)
+
+
+def test_close_fails_what_waits_while_lost(rig: Rig) -> None:
+    rig.serve()
+    rig.probe(ok=False, error=loss("probe"), fresh=False)
+    job = rig.job()
+    rig.sup._on_submit(job)
+    closed: Future[None] = Future()
+    rig.send(Close(closed))
+    with pytest.raises(GuardClosed):
+        job.future.result(0)
+    assert closed.result(0) is None
+
+
+def test_refusal_is_one_rule() -> None:
+    assert refusal(State.SERVING, "fail_fast", "sign") is None
+    assert refusal(State.SUSPECT, "fail_fast", "sign") is None
+    assert refusal(State.LOST, "queue", "sign") is None
+    assert isinstance(refusal(State.LOST, "fail_fast", "sign"), OutOfService)
+    assert isinstance(refusal(State.SERVING, "queue", "sign", closing=True), GuardClosed)
+    failed = refusal(State.FAILED, "queue", "sign", failed_reason="wrong PIN")
+    assert isinstance(failed, GuardFailed) and "wrong PIN" in str(failed)
+
+
+def test_admission_queue_order_retry_and_expiry(rig: Rig) -> None:
+    queue = AdmissionQueue()
+    a, b, c = rig.job(), rig.job(), rig.job(deadline_s=-1)
+    queue.append(a)
+    queue.append(b)
+    queue.retry(c)  # back from a failed attempt: first in line
+    assert [j.seq for j in queue] == [c.seq, a.seq, b.seq]
+    assert queue.expired(time.monotonic()) == [c]
+    assert queue.pop() is a and len(queue) == 1
+    assert queue.drain() == [b] and not queue
+
+
+def test_a_job_past_its_deadline_gets_op_timeout(rig: Rig) -> None:
+    rig.serve()
+    rig.probe(ok=False, error=loss("probe"), fresh=False)
+    job = rig.job(deadline_s=-1)
+    rig.sup._on_submit(job)
+    rig.send(SupervisorTick())
+    with pytest.raises(OpTimeout, match="op_deadline_s"):
+        job.future.result(0)
+
+
+def test_slot_states_are_enums(rig: Rig) -> None:
+    rig.serve()
+    assert {s.status for s in rig.sup.slots.values()} == {SlotState.IDLE}
+    status = rig.send(StatusRequest())
+    assert status["state"] == "SERVING" and {w["status"] for w in status["workers"]} == {"idle"}
+    assert status["members"][0]["state"] == "serving"
