@@ -103,10 +103,11 @@ class RemoteError(P11GuardError):
         return f"{head}{code + ': ' if code else ''}{self.message} [{facts}]"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_remote, (type(self), self.message, self.__dict__))
+        return (_rebuild, (type(self), self.message, self.__dict__))
 
 
-def _rebuild_remote(cls: type[RemoteError], message: str, state: dict[str, Any]) -> RemoteError:
+def _rebuild(cls: type[Exception], message: str, state: dict[str, Any]) -> Exception:
+    """Unpickle an exception whose ``__init__`` takes keyword facts: message, then the facts."""
     err = cls.__new__(cls)
     Exception.__init__(err, message)
     err.__dict__.update(state)
@@ -201,14 +202,7 @@ class HostError(P11GuardError):
         return f"{self.message} [{facts}]" if facts else self.message
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_host, (type(self), self.message, self.__dict__))
-
-
-def _rebuild_host(cls: type[HostError], message: str, state: dict[str, Any]) -> HostError:
-    err = cls.__new__(cls)
-    Exception.__init__(err, message)
-    err.__dict__.update(state)
-    return err
+        return (_rebuild, (type(self), self.message, self.__dict__))
 
 
 class HostStartError(HostError):

@@ -8,6 +8,8 @@ channel, and a broken host is never reused. This class is the one boundary where
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import itertools
 import math
 import os
@@ -41,6 +43,20 @@ __all__ = ["ENV_PASSTHROUGH", "HostProcess"]
 #: The only variables of the parent's environment a host sees (plus the module's ``env``):
 #: nothing else of the parent -- above all no PIN variable -- reaches the child.
 ENV_PASSTHROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "PYTHONPATH", "SOFTHSM2_CONF")
+
+
+@functools.cache
+def _host_path() -> tuple[str, ...]:
+    """Where a host (started with ``python -S``) finds p11guard, PyKCS11 and msgpack."""
+    out: list[str] = []
+    for name in ("p11guard", "PyKCS11", "msgpack"):
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec is not None else None
+        if origin:
+            path = os.path.dirname(os.path.dirname(os.path.realpath(origin)))
+            if path not in out:
+                out.append(path)
+    return tuple(out)
 
 
 def _signal_name(code: int | None) -> str | None:
@@ -154,6 +170,7 @@ class HostProcess:
     def _child_env(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in ENV_PASSTHROUGH if k in os.environ}
         env.update(self.env)
+        env["PYTHONPATH"] = os.pathsep.join([*_host_path(), *filter(None, [env.get("PYTHONPATH")])])
         return env
 
     def _start(self, timeout_s: float) -> None:
@@ -164,7 +181,9 @@ class HostProcess:
         parent_sock, child_sock = socket.socketpair()
         try:
             fd = child_sock.fileno()
-            cmd = [sys.executable, "-m", "p11guard.host", "--fd", str(fd), "--parent", str(os.getpid())]
+            # -S: no site (no .pth files, no editable-install finder): ~2.4 MiB and ~10 ms less
+            # per host; the few directories a host imports from are given in PYTHONPATH.
+            cmd = [sys.executable, "-S", "-m", "p11guard.host", "--fd", str(fd), "--parent", str(os.getpid())]
             self._popen = subprocess.Popen(
                 cmd,
                 env=self._child_env(),
