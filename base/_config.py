@@ -9,6 +9,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from p11guard.base._config_checks import (
+    check_env,
+    check_seconds,
+    check_serials,
+    read_pin_file,
+    type_name,
+)
 from p11guard.base._errors import ConfigError
 from p11guard.base._secret import Secret
 
@@ -16,7 +23,7 @@ __all__ = ["DEFAULT_MEMBER", "Config", "Member"]
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "module": {"path": str, "env": dict},
-    "group": {"token_label": str, "pin_file": str, "pin_env": str, "members": list},
+    "group": {"token_label": str, "pin_file": str, "pin_env": str, "members": list, "serials": list},
     "workers": {"count": int, "batch_size": int},
     "timeouts": {
         "call_s": (int, float),
@@ -24,7 +31,11 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "probe_interval_s": (int, float),
         "start_s": (int, float),
     },
-    "recovery": {"backoff_initial_s": (int, float), "backoff_max_s": (int, float)},
+    "recovery": {
+        "backoff_initial_s": (int, float),
+        "backoff_max_s": (int, float),
+        "give_up_after_s": (int, float),
+    },
     "admission": {"policy": str, "queue_max": int, "op_deadline_s": (int, float)},
     "testing": {"fault_injection": bool},
 }
@@ -76,6 +87,8 @@ class Config:
     op_deadline_s: float = 300.0
     fault_injection: bool = False
     members: tuple[Member, ...] = ()
+    give_up_after_s: float | None = None
+    serials: tuple[str, ...] = ()
     source: str | None = None
 
     def __repr__(self) -> str:
@@ -117,7 +130,7 @@ class Config:
                 if want is None:
                     raise ConfigError(f"unknown field (known: {', '.join(_SCHEMA[section])})", name)
                 if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
-                    raise ConfigError(f"must be {_type_name(want)}, not {type(value).__name__}", name)
+                    raise ConfigError(f"must be {type_name(want, name)}, not {type(value).__name__}", name)
 
         def get(section: str, key: str) -> Any:
             return data.get(section, {}).get(key)
@@ -136,6 +149,7 @@ class Config:
             "pin_env": get("group", "pin_env"),
             "module_env": dict(get("module", "env") or {}),
             "members": _members(get("group", "members") or [], base_dir),
+            "serials": check_serials(get("group", "serials") or [], "group.serials"),
             "source": source,
         }
         names = {
@@ -147,6 +161,7 @@ class Config:
             ("timeouts", "start_s"): "start_s",
             ("recovery", "backoff_initial_s"): "backoff_initial_s",
             ("recovery", "backoff_max_s"): "backoff_max_s",
+            ("recovery", "give_up_after_s"): "give_up_after_s",
             ("admission", "policy"): "policy",
             ("admission", "queue_max"): "queue_max",
             ("admission", "op_deadline_s"): "op_deadline_s",
@@ -155,7 +170,8 @@ class Config:
         for (section, key), attr in names.items():
             value = get(section, key)
             if value is not None:
-                kwargs[attr] = float(value) if attr.endswith("_s") else value
+                # seconds: checked before float(), which overflows on a huge TOML integer
+                kwargs[attr] = float(check_seconds(value, f"{section}.{key}")) if attr.endswith("_s") else value
         config = cls(**kwargs)
         config.validate()
         return config
@@ -196,9 +212,7 @@ class Config:
             raise ConfigError(f"no such file {self.module_path!r} (the PKCS#11 module)", "module.path")
         if not os.path.isfile(self.module_path):
             raise ConfigError(f"{self.module_path!r} is not a file", "module.path")
-        for key, value in self.module_env.items():
-            if not isinstance(value, str):
-                raise ConfigError("values must be strings", f"module.env.{key}")
+        check_env(self.module_env, "module.env")
         if not self.token_label:
             raise ConfigError("must not be empty", "group.token_label")
         if (self.pin_file is None) == (self.pin_env is None):
@@ -214,13 +228,12 @@ class Config:
             if member.name in seen:
                 raise ConfigError(f"{member.name!r} is listed twice; member names must be unique", f"{where}.name")
             seen.add(member.name)
-            for key, value in member.env.items():
-                if not isinstance(value, str):
-                    raise ConfigError("values must be strings", f"{where}.env.{key}")
+            check_env(member.env, f"{where}.env")
             if member.path is not None and not os.path.isfile(member.path):
                 raise ConfigError(f"no such file {member.path!r} (the member's PKCS#11 module)", f"{where}.path")
             if member.token_label is not None and not member.token_label:
                 raise ConfigError("must not be empty", f"{where}.token_label")
+        check_serials(self.serials, "group.serials")
         _positive(self.workers, "workers.count", 1, 1024)
         _positive(self.batch_size, "workers.batch_size", 1, 100_000)
         for attr, name in (
@@ -232,8 +245,9 @@ class Config:
             ("backoff_max_s", "recovery.backoff_max_s"),
             ("op_deadline_s", "admission.op_deadline_s"),
         ):
-            if not getattr(self, attr) > 0:
-                raise ConfigError("must be a number of seconds > 0", name)
+            check_seconds(getattr(self, attr), name)
+        if self.give_up_after_s is not None:
+            check_seconds(self.give_up_after_s, "recovery.give_up_after_s")
         if self.backoff_max_s < self.backoff_initial_s:
             raise ConfigError("must be >= recovery.backoff_initial_s", "recovery.backoff_max_s")
         if self.policy not in ("queue", "fail_fast"):
@@ -243,23 +257,21 @@ class Config:
     def load_pin(self) -> Secret:
         """Read the PIN now (from ``pin_file`` or ``pin_env``).
 
+        A PIN file must be a regular file of at most 4 KiB; one final newline (``\\n`` or
+        ``\\r\\n``) is removed, nothing else. A ``pin_env`` value is used exactly as it is.
+
         Raises:
-            ConfigError: unreadable file, unset variable, or empty PIN (names the field).
+            ConfigError: unreadable or not a regular file, too large, unset variable, or an
+                empty PIN (names the field).
         """
         if self.pin_file is not None:
-            try:
-                value = Path(self.pin_file).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot read PIN file {self.pin_file!r}: {exc.strerror or exc}", "group.pin_file"
-                ) from None
-            where = "group.pin_file"
+            value, where = read_pin_file(self.pin_file), "group.pin_file"
         else:
             assert self.pin_env is not None
             env_value = os.environ.get(self.pin_env)
             if env_value is None:
                 raise ConfigError(f"environment variable {self.pin_env} is not set", "group.pin_env")
-            value, where = env_value.strip(), "group.pin_env"
+            value, where = env_value, "group.pin_env"
         if not value:
             raise ConfigError("the PIN is empty", where)
         return Secret(value)
@@ -277,7 +289,7 @@ def _members(raw: list[Any], base_dir: Path | None) -> tuple[Member, ...]:
             if want is None:
                 raise ConfigError(f"unknown field (known: {', '.join(_MEMBER_SCHEMA)})", f"{where}.{key}")
             if not isinstance(value, want):
-                raise ConfigError(f"must be {_type_name(want)}, not {type(value).__name__}", f"{where}.{key}")
+                raise ConfigError(f"must be {type_name(want)}, not {type(value).__name__}", f"{where}.{key}")
         if "name" not in table:
             raise ConfigError("is required (how status and logs call this member)", f"{where}.name")
         path = table.get("path")
@@ -290,17 +302,3 @@ def _members(raw: list[Any], base_dir: Path | None) -> tuple[Member, ...]:
 def _positive(value: int, name: str, low: int, high: int) -> None:
     if not low <= value <= high:
         raise ConfigError(f"must be between {low} and {high}, not {value}", name)
-
-
-def _type_name(want: type | tuple[type, ...]) -> str:
-    names = {
-        "str": "a string",
-        "int": "an integer",
-        "float": "a number",
-        "bool": "true or false",
-        "dict": "a table",
-        "list": "a list of tables",
-    }
-    if isinstance(want, tuple):
-        return "a number"
-    return names.get(want.__name__, want.__name__)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from p11guard.base import P11GuardError
-from p11guard.cli._records import UsageError
+from p11guard.cli._paths import UsageError
 
 __all__ = ["main"]
 

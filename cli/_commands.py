@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from p11guard.base import Config
-from p11guard.cli._records import UsageError
+from p11guard.cli._paths import UsageError, check_output
 from p11guard.protocol import KEY_TYPES
 
 __all__ = ["add_commands"]
@@ -60,8 +60,10 @@ def _keygen(opts: argparse.Namespace) -> int:
 
 def _pubkey(opts: argparse.Namespace) -> int:
     from p11guard._guard import Guard
-    from p11guard.cli._signjob import resolve_key
+    from p11guard.cli._keyinfo import resolve_key
 
+    if opts.out:
+        check_output(Path(opts.out), "--out")
     with Guard(_config(opts, workers=1)) as g:
         resolve_key(g, opts.key, None)
         pem = g.public_key(opts.key)
@@ -83,9 +85,12 @@ def _sign(opts: argparse.Namespace) -> int:
         opts.mechanism,
         Path(opts.report) if opts.report else None,
         opts.quiet,
+        resign_changed=opts.resign_changed,
     )
     print(report.summary())
-    return EXIT_OK if report.failed == 0 else EXIT_FAILED
+    if report.changed:
+        print(report.changed_line(), file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _verify(opts: argparse.Namespace) -> int:
@@ -130,7 +135,8 @@ def add_commands(sub: Any) -> None:
             "sign",
             help="sign every record of a directory or file, resumably",
             description="Each regular file below a directory, or each line of a file, is a record. "
-            "Re-running with the same --out skips what is signed already.",
+            "Re-running with the same --out skips what is signed already and unchanged; records "
+            "changed since they were signed are reported (exit 1) unless --resign-changed.",
         )
     )
     p.add_argument("--key", required=True, help="label of the private key")
@@ -139,6 +145,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--mechanism", help="default from the key type")
     p.add_argument("--report", metavar="R.json", help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument(
+        "--resign-changed",
+        action="store_true",
+        help="sign records changed since --out signed them again (a new line that replaces the old)",
+    )
     p.set_defaults(func=_sign)
 
     p = sub.add_parser(

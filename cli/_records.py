@@ -1,56 +1,86 @@
-"""Records to sign, and the signature file (JSON lines) that makes a run resumable.
+"""Records to sign, and the lines of the signature file (JSON lines).
 
 A record is a regular file below a directory (id: its path relative to the directory,
 with ``/``) or a line of a file (id: its 1-based line number, the line without its
-ending). The signature file holds one JSON object per record:
-``{"id", "sha256", "signature", "key", "mechanism"}``.
+ending). Special files below a directory (FIFOs, devices, sockets) are records that fail
+with a reason, never read; symbolic links are not records. A record larger than
+:data:`MAX_RECORD` fails alone, unread.
+
+The signature file holds one JSON object per line: ``id``, ``sha256``, ``signature``,
+``key``, ``mechanism``, ``key_sha256`` (the SHA-256 of the key's SubjectPublicKeyInfo,
+absent for a key without a public key), and ``replaces`` (the line number of the
+signature it supersedes, only on a re-signed record).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import os
+import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from p11guard.base import P11GuardError
+from p11guard.cli._paths import UsageError, check_source, file_kind, open_regular, read_regular, too_large
 
 __all__ = [
+    "BATCH_BYTES",
+    "ITEM_OVERHEAD",
+    "MAX_RECORD",
     "Record",
-    "SignatureFile",
     "UsageError",
+    "check_source",
     "count_records",
     "iter_records",
+    "parse_entry",
     "signature_line",
 ]
 
+#: The largest record one PKCS#11 call through p11guard carries: a frame (16 MiB,
+#: ``p11guard.protocol.MAX_FRAME``) less room for the request around it.
+MAX_RECORD = 16 * 1024 * 1024 - 64 * 1024
+#: At most this much per batch frame, counting :data:`ITEM_OVERHEAD` per record.
+BATCH_BYTES = 8 * 1024 * 1024
+#: What each record adds to a batch besides its bytes: its request, and its signature in
+#: the reply (a batch of many tiny records must not outgrow a frame either).
+ITEM_OVERHEAD = 1024
+
 _FIELDS = ("id", "sha256", "signature", "key", "mechanism")
-
-
-class UsageError(P11GuardError):
-    """Bad command-line input (exit code 2)."""
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
 class Record:
-    """One record: its id and its bytes, or the reason it could not be read."""
+    """One record: its id and its bytes, or the reason it could not be read.
+
+    ``replaces``: the line of the signature file this record's new signature supersedes
+    (a changed record re-signed with ``--resign-changed``).
+    """
 
     id: str
     data: bytes | None
     error: str | None = None
+    replaces: int | None = None
 
 
-def _walk(root: Path) -> Iterator[Path]:
+def _walk(root: Path) -> Iterator[tuple[Path, bool]]:
+    """Every non-directory below ``root`` but symbolic links, sorted; and whether it is a
+    regular file."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath, name)
-            if path.is_file() and not path.is_symlink():
-                yield path
+            try:
+                mode = path.lstat().st_mode
+            except OSError:
+                continue  # gone since listed
+            if not stat.S_ISLNK(mode):
+                yield path, stat.S_ISREG(mode)
 
 
 def count_records(source: Path) -> int:
@@ -58,145 +88,101 @@ def count_records(source: Path) -> int:
     if source.is_dir():
         return sum(1 for _ in _walk(source))
     count, last = 0, b"\n"
-    with source.open("rb") as fh:
+    with open_regular(source, "--in") as fh:
         while chunk := fh.read(1 << 20):
             count += chunk.count(b"\n")
             last = chunk[-1:]
     return count + (0 if last == b"\n" else 1)
 
 
-def iter_records(source: Path) -> Iterator[Record]:
-    """The records of ``source``, in a stable order, read lazily (memory stays flat)."""
+def iter_records(source: Path, limit: int = MAX_RECORD) -> Iterator[Record]:
+    """The records of ``source``, in a stable order, read lazily (memory stays flat: a
+    record over ``limit`` bytes is failed without being held)."""
     if source.is_dir():
-        for path in _walk(source):
+        for path, regular in _walk(source):
             rid = path.relative_to(source).as_posix()
-            try:
-                yield Record(rid, path.read_bytes())
-            except OSError as exc:
-                yield Record(rid, None, f"cannot read {path}: {exc.strerror or exc}")
+            if not regular:
+                try:
+                    kind = file_kind(path.lstat().st_mode)
+                except OSError:
+                    kind = "not a regular file"
+                yield Record(rid, None, f"{path} is {kind}, not a regular file: not read")
+                continue
+            data, error = read_regular(path, limit)
+            yield Record(rid, data, error)
         return
-    with source.open("rb") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.endswith(b"\n"):
-                line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-            yield Record(str(n), line)
+    with open_regular(source, "--in") as fh:
+        yield from _lines(fh, limit)
 
 
-def check_source(source: Path) -> None:
-    """Raise :class:`UsageError` unless ``source`` is a readable directory or file."""
-    if not source.exists():
-        raise UsageError(f"--in {source}: no such file or directory")
-    if source.is_dir():
-        if not os.access(source, os.R_OK | os.X_OK):
-            raise UsageError(f"--in {source}: directory is not readable")
-    elif not os.access(source, os.R_OK):
-        raise UsageError(f"--in {source}: file is not readable")
+def _lines(fh: BinaryIO, limit: int) -> Iterator[Record]:
+    n = 0
+    while line := fh.readline(limit + 3):
+        n += 1
+        if line.endswith(b"\n"):
+            data = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        elif len(line) < limit + 3:
+            data = line  # the last line, with no ending
+        else:  # longer than any record can be: skip to its end, counting, keeping nothing
+            size = len(line)
+            while chunk := fh.readline(1 << 20):
+                size += len(chunk)
+                if chunk.endswith(b"\n"):
+                    size -= 2 if chunk.endswith(b"\r\n") else 1
+                    break
+            yield Record(str(n), None, too_large(size, limit))
+            continue
+        if len(data) > limit:
+            yield Record(str(n), None, too_large(len(data), limit))
+        else:
+            yield Record(str(n), data)
 
 
-def signature_line(record_id: str, data: bytes, signature: bytes, key: str, mechanism: str) -> bytes:
+def signature_line(
+    record_id: str,
+    data: bytes,
+    signature: bytes,
+    key: str,
+    mechanism: str,
+    key_sha256: str | None,
+    replaces: int | None = None,
+) -> bytes:
     """One line of the signature file, with its newline."""
-    return (
-        json.dumps(
-            {
-                "id": record_id,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "signature": base64.b64encode(signature).decode("ascii"),
-                "key": key,
-                "mechanism": mechanism,
-            },
-            separators=(",", ":"),
-        ).encode()
-        + b"\n"
-    )
+    entry: dict[str, Any] = {
+        "id": record_id,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "signature": base64.b64encode(signature).decode("ascii"),
+        "key": key,
+        "mechanism": mechanism,
+    }
+    if key_sha256 is not None:
+        entry["key_sha256"] = key_sha256
+    if replaces is not None:
+        entry["replaces"] = replaces
+    return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
 
 
-def parse_line(line: bytes) -> dict[str, Any] | None:
-    """A signature-file entry, or ``None`` if the line is not one."""
+def parse_entry(line: bytes) -> tuple[dict[str, Any] | None, str]:
+    """A signature-file entry and ``""``, or ``None`` and what is wrong with the line."""
     try:
         entry = json.loads(line)
     except ValueError:
-        return None
-    if not isinstance(entry, dict) or not all(isinstance(entry.get(f), str) for f in _FIELDS):
-        return None
-    return entry
-
-
-class SignatureFile:
-    """The output of ``p11guard sign``: read what is done, repair a torn tail, append.
-
-    Args:
-        path: the JSON-lines file.
-        key, mechanism: what this run signs with; an existing file made with others is refused.
-        line_ids: ids are line numbers (a file input), not paths (a directory input).
-    """
-
-    def __init__(self, path: Path, key: str, mechanism: str, line_ids: bool) -> None:
-        self.path = path
-        self.key = key
-        self.mechanism = mechanism
-        self.line_ids = line_ids
-        self.done_lines: bytearray = bytearray()  # line inputs: one byte per record number
-        self.done_ids: set[str] = set()  # directory inputs
-        self.torn = False
-        self._good_size = 0
-
-    def check(self) -> None:
-        """Read an existing file: refuse one that is not ours; note a torn last line.
-
-        Writes nothing (so a refused run leaves the file as it was).
-        """
-        if not self.path.exists():
-            return
-        if self.path.is_dir():
-            raise UsageError(f"--out {self.path} is a directory")
-        try:
-            fh = self.path.open("rb")
-        except OSError as exc:
-            raise UsageError(f"--out {self.path}: {exc.strerror or exc}") from None
-        with fh:
-            offset = 0
-            for n, line in enumerate(fh, 1):
-                if not line.endswith(b"\n") and line.startswith(b'{"id":'):
-                    self.torn = True  # the last line, cut short by a kill: redo that record
-                    break
-                entry = parse_line(line)
-                if entry is None:
-                    raise UsageError(
-                        f"--out {self.path} is not a p11guard signature file (line {n} is not one); "
-                        "refusing to append to it: choose another --out"
-                    )
-                if entry["key"] != self.key or entry["mechanism"] != self.mechanism:
-                    raise UsageError(
-                        f"--out {self.path} holds signatures by key {entry['key']!r} with "
-                        f"{entry['mechanism']!r}, not {self.key!r} with {self.mechanism!r}: "
-                        "choose another --out"
-                    )
-                self._mark(entry["id"])
-                offset += len(line)
-            self._good_size = offset
-
-    def _mark(self, record_id: str) -> None:
-        if not self.line_ids:
-            self.done_ids.add(record_id)
-        elif record_id.isdigit():
-            n = int(record_id)
-            if n >= len(self.done_lines):
-                self.done_lines.extend(b"\0" * (n + 1 - len(self.done_lines)))
-            self.done_lines[n] = 1
-
-    def is_done(self, record_id: str) -> bool:
-        if self.line_ids:
-            n = int(record_id)
-            return n < len(self.done_lines) and self.done_lines[n] == 1
-        return record_id in self.done_ids
-
-    @property
-    def done(self) -> int:
-        return self.done_lines.count(1) + len(self.done_ids)
-
-    def open_for_append(self) -> Any:
-        """Open for appending, after cutting a torn last line off."""
-        if self.torn:
-            with self.path.open("r+b") as fh:
-                fh.truncate(self._good_size)
-        return self.path.open("ab")
+        return None, "is not JSON"
+    if not isinstance(entry, dict):
+        return None, "is not a JSON object"
+    for name in _FIELDS:
+        if not isinstance(entry.get(name), str):
+            return None, f'has no string "{name}"'
+    if not _HEX64.fullmatch(entry["sha256"]):
+        return None, '"sha256" is not 64 lowercase hex digits'
+    try:
+        base64.b64decode(entry["signature"], validate=True)
+    except (ValueError, binascii.Error):
+        return None, '"signature" is not base64'
+    fingerprint = entry.get("key_sha256")
+    if fingerprint is not None and not (isinstance(fingerprint, str) and _HEX64.fullmatch(fingerprint)):
+        return None, '"key_sha256" is not 64 lowercase hex digits'
+    replaces = entry.get("replaces")
+    if replaces is not None and (isinstance(replaces, bool) or not isinstance(replaces, int) or replaces < 1):
+        return None, '"replaces" is not a line number'
+    return entry, ""

@@ -1,7 +1,9 @@
 """``p11guard verify``: check a signature file against its records, with no HSM.
 
 Uses the ``cryptography`` package only: every record must have exactly one valid
-signature. Reports missing, duplicate, invalid and tampered records by id.
+signature in force (a line with ``replaces`` supersedes the line it names: the later line
+wins, the replaced one is no duplicate). Reports missing, duplicate, invalid, tampered and
+wrong-key records (a recorded ``key_sha256`` that is not ``--pubkey``'s) by id.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from p11guard.cli._records import UsageError, check_source, iter_records, parse_line
+from p11guard.cli._keyinfo import pem_fingerprint
+from p11guard.cli._paths import UsageError, check_input_file, check_source, open_regular
+from p11guard.cli._records import iter_records, parse_entry
+from p11guard.cli._sigfile import MAX_SIGNATURE_LINE
 
 __all__ = ["VerifyReport", "run_verify", "verify_signature"]
 
@@ -50,23 +55,31 @@ class VerifyReport:
     duplicate: list[str] = field(default_factory=list)
     invalid: list[str] = field(default_factory=list)
     tampered: list[str] = field(default_factory=list)
+    wrong_key: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
     malformed_lines: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.valid == self.records and not (
-            self.missing or self.duplicate or self.invalid or self.tampered or self.unknown or self.malformed_lines
+            self.missing
+            or self.duplicate
+            or self.invalid
+            or self.tampered
+            or self.wrong_key
+            or self.unknown
+            or self.malformed_lines
         )
 
     def summary(self) -> str:
         lines = [
             f"records {self.records}, valid {self.valid}, missing {len(self.missing)}, "
             f"duplicate {len(self.duplicate)}, invalid {len(self.invalid)}, tampered {len(self.tampered)}"
+            + (f", wrong key {len(self.wrong_key)}" if self.wrong_key else "")
             + (f", unknown ids {len(self.unknown)}" if self.unknown else "")
             + (f", malformed lines {len(self.malformed_lines)}" if self.malformed_lines else "")
         ]
-        for name in ("missing", "duplicate", "invalid", "tampered", "unknown"):
+        for name in ("missing", "duplicate", "invalid", "tampered", "wrong_key", "unknown"):
             ids: list[str] = getattr(self, name)
             if ids:
                 more = f" ... and {len(ids) - 20} more" if len(ids) > 20 else ""
@@ -77,34 +90,58 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _load_public_key(path: Path) -> Any:
+def _load_public_key(path: Path) -> tuple[Any, str]:
+    """The public key and its fingerprint."""
+    with open_regular(path, "--pubkey") as fh:
+        pem = fh.read(_MAX_PEM + 1)
+    if len(pem) > _MAX_PEM:
+        raise UsageError(f"--pubkey {path} is larger than {_MAX_PEM} bytes: not a PEM public key")
     try:
-        return load_pem_public_key(path.read_bytes())
-    except OSError as exc:
-        raise UsageError(f"--pubkey {path}: {exc.strerror or exc}") from None
+        return load_pem_public_key(pem), pem_fingerprint(pem)
     except ValueError as exc:
         raise UsageError(f"--pubkey {path} is not a PEM public key ({exc})") from None
+
+
+_MAX_PEM = 1 << 20
+
+
+def _in_force(found: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The entries of one record that are in force: a line naming another in ``replaces``
+    supersedes it (lines in file order, so a chain of re-signs leaves the last)."""
+    kept: list[tuple[int, dict[str, Any]]] = []
+    for n, entry in found:
+        replaces = entry.get("replaces")
+        kept = [(m, e) for m, e in kept if m != replaces]
+        kept.append((n, entry))
+    return [e for _, e in kept]
 
 
 def run_verify(source: Path, sigs: Path, pubkey: Path) -> VerifyReport:
     """Verify every record of ``source`` against the signature file ``sigs``."""
     check_source(source)
-    public_key = _load_public_key(pubkey)
-    entries: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    check_input_file(sigs, "--sigs")
+    check_input_file(pubkey, "--pubkey")
+    public_key, fingerprint = _load_public_key(pubkey)
+    entries: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
     report = VerifyReport()
     try:
-        with sigs.open("rb") as fh:
-            for n, line in enumerate(fh, 1):
-                entry = parse_line(line)
+        with open_regular(sigs, "--sigs") as fh:
+            n = 0
+            while line := fh.readline(MAX_SIGNATURE_LINE + 1):
+                n += 1
+                entry, _ = parse_entry(line) if len(line) <= MAX_SIGNATURE_LINE else (None, "")
                 if entry is None:
                     report.malformed_lines.append(n)
+                    if not line.endswith(b"\n"):  # skip the rest of an overlong line
+                        while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
+                            pass
                 else:
-                    entries[entry["id"]].append(entry)
+                    entries[entry["id"]].append((n, entry))
     except OSError as exc:
         raise UsageError(f"--sigs {sigs}: {exc.strerror or exc}") from None
     for record in iter_records(source):
         report.records += 1
-        found = entries.pop(record.id, [])
+        found = _in_force(entries.pop(record.id, []))
         if not found:
             report.missing.append(record.id)
             continue
@@ -119,10 +156,10 @@ def run_verify(source: Path, sigs: Path, pubkey: Path) -> VerifyReport:
             if entry["sha256"] != digest:
                 report.tampered.append(record.id)
                 continue
-            try:
-                signature = base64.b64decode(entry["signature"], validate=True)
-            except ValueError:
-                signature = b""
+            if entry.get("key_sha256", fingerprint) != fingerprint:
+                report.wrong_key.append(record.id)
+                continue
+            signature = base64.b64decode(entry["signature"], validate=True)
             if verify_signature(public_key, entry["mechanism"], signature, record.data):
                 good += 1
             else:

@@ -286,14 +286,28 @@ class Guard:
     def submit_sign_many(
         self, key: str, items: Iterable[bytes], mechanism: str = "ecdsa-sha256"
     ) -> list[tuple[int, Future[list[Any]]]]:
-        """Submit signatures in batch frames; returns ``(count, future)`` per frame, in order."""
+        """Submit signatures in batch frames; returns ``(count, future)`` per frame, in order.
+        A frame holds at most ``workers.batch_size`` items and 8 MiB (1 KiB counted per item);
+        an item over 16 MiB less 64 KiB is not sent: its frame of one holds a RequestError."""
+        from p11guard.base import RequestError
+        from p11guard.protocol import MAX_FRAME
+
         out: list[tuple[int, Future[list[Any]]]] = []
         chunk: list[tuple[str, dict[str, Any]]] = []
-        for data in items:
-            chunk.append(("sign", {"key": key, "data": data, "mechanism": mechanism}))
-            if len(chunk) >= self.config.batch_size:
+        size, item_max = 0, MAX_FRAME - 64 * 1024
+        for i, data in enumerate(items):
+            cost, too_large = len(data) + 1024, len(data) > item_max
+            if chunk and (len(chunk) >= self.config.batch_size or size + cost > 8 * 1024 * 1024 or too_large):
                 out.append((len(chunk), self.submit_batch(chunk)))
-                chunk = []
+                chunk, size = [], 0
+            if too_large:
+                why = f"item {i}: {len(data):,} bytes is more than the {item_max:,} bytes one PKCS#11 call through "
+                why += "p11guard can carry (a frame is at most 16 MiB; this is fixed): sign it another way or split it"
+                out.append((1, Future()))
+                out[-1][1].set_result([RequestError(why, kind="bad_request", name="too_large", op="sign")])
+                continue
+            chunk.append(("sign", {"key": key, "data": data, "mechanism": mechanism}))
+            size += cost
         if chunk:
             out.append((len(chunk), self.submit_batch(chunk)))
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,126 @@ def test_bad_members_are_named(tmp_path: Path, members: str, field: str, message
 def test_members_must_be_tables(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"group\.members: must be a list of tables, not str"):
         Config.from_file(_write(tmp_path, BASE + 'members = "a,b"\n'))
+
+
+# -- numbers, environment names, new fields ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "message"),
+    [
+        ("[timeouts]\ncall_s = inf\n", "timeouts.call_s", "finite number of seconds, not inf"),
+        ("[timeouts]\nprobe_s = nan\n", "timeouts.probe_s", "finite number of seconds, not nan"),
+        ("[timeouts]\ncall_s = 1e300\n", "timeouts.call_s", r"<= 86400 \(1 day\), not 1e\+300"),
+        ("[timeouts]\nstart_s = 1" + "0" * 400 + "\n", "timeouts.start_s", "<= 86400"),
+        ("[admission]\nop_deadline_s = 86401\n", "admission.op_deadline_s", "<= 86400"),
+        ("[recovery]\nbackoff_max_s = -inf\n", "recovery.backoff_max_s", "finite"),
+        ("[recovery]\ngive_up_after_s = 0\n", "recovery.give_up_after_s", "> 0"),
+        ("[recovery]\ngive_up_after_s = 1e9\n", "recovery.give_up_after_s", r"<= 2\.592e\+06 \(30 days\)"),
+        ("[recovery]\ngive_up_after_s = nan\n", "recovery.give_up_after_s", "finite"),
+        ('[recovery]\ngive_up_after_s = "10"\n', "recovery.give_up_after_s", "must be a number"),
+        ('[module]\nenv = { "A=B" = "x" }\n', "module.env.A=B", "no '=' or NUL"),
+        ('[module]\nenv = { "" = "x" }\n', "module.env.''", "needs a name"),
+        ('[module]\nenv = { "A\\u0000B" = "x" }\n', "module.env.'A\\x00B'", "no '=' or NUL"),
+        ('[module]\nenv = { A = "x\\u0000y" }\n', "module.env.A", "NUL character"),
+        ('[[group.members]]\nname = "a"\nenv = { "X=1" = "y" }\n', "group.members[0].env.X=1", "no '=' or NUL"),
+        ('[group]\nserials = "123"\n', "group.serials", "must be a list of strings, not str"),
+        ('[group]\nserials = [""]\n', "group.serials[0]", "is not a serial number"),
+        ('[group]\nserials = [" 12"]\n', "group.serials[0]", "no leading or trailing spaces"),
+        ("[group]\nserials = [12]\n", "group.serials[0]", "must be a string"),
+        ('[group]\nserials = ["a", "a"]\n', "group.serials[1]", "listed twice"),
+    ],
+)
+def test_bad_numbers_env_and_new_fields_are_named(tmp_path: Path, extra: str, field: str, message: str) -> None:
+    # sections given twice are merged by hand: the extra one goes into the base text
+    text = BASE
+    for section in ("[module]\n", "[group]\n"):
+        if extra.startswith(section):
+            text = text.replace(section, extra)
+            extra = ""
+    with pytest.raises(ConfigError, match=message) as info:
+        Config.from_file(_write(tmp_path, text + extra))
+    assert info.value.field == field and str(info.value).startswith(field)
+    assert "\n" not in str(info.value)
+
+
+def test_env_with_equals_is_refused_by_validate_too(tmp_path: Path) -> None:
+    config = Config.from_file(_write(tmp_path, BASE))
+    with pytest.raises(ConfigError, match=r"^module\.env\.A=B: ") as info:
+        config.replace(module_env={"A=B": "x"})
+    assert info.value.field == "module.env.A=B"
+    with pytest.raises(ConfigError, match=r"^timeouts\.call_s: must be a finite"):
+        config.replace(call_s=float("inf"))
+
+
+def test_new_fields_default_and_load(tmp_path: Path) -> None:
+    config = Config.from_file(_write(tmp_path, BASE))
+    assert (config.give_up_after_s, config.serials) == (None, ())
+    text = BASE.replace("[group]\n", '[group]\nserials = ["A1B2", "C3D4"]\n') + "[recovery]\ngive_up_after_s = 600\n"
+    config = Config.from_file(_write(tmp_path, text))
+    assert config.give_up_after_s == 600.0 and isinstance(config.give_up_after_s, float)
+    assert config.serials == ("A1B2", "C3D4")
+    assert dict(config.member_configs())["default"].serials == ("A1B2", "C3D4")
+
+
+# -- PIN files: regular, small, one newline removed -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "pin"),
+    [
+        (b"1234\n", "1234"),
+        (b"1234\r\n", "1234"),
+        (b"1234", "1234"),
+        (b" 12 34 \n", " 12 34 "),
+        (b"1234\n\n", "1234\n"),
+        (b"\t1234 ", "\t1234 "),
+    ],
+)
+def test_pin_file_loses_one_final_newline_only(tmp_path: Path, content: bytes, pin: str) -> None:
+    (tmp_path / "pin").write_bytes(content)
+    assert Config.from_file(_write(tmp_path, BASE)).load_pin().reveal() == pin
+
+
+def _pin_config(tmp_path: Path, pin_path: str) -> Config:
+    return Config.from_file(_write(tmp_path, BASE.replace('pin_file = "pin"', f'pin_file = "{pin_path}"')))
+
+
+@pytest.mark.timeout(10)
+def test_pin_file_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pin.fifo"
+    os.mkfifo(fifo)  # nobody writes it: opening it to read would block for ever
+    with pytest.raises(ConfigError, match=r"^group\.pin_file: PIN file .* is a FIFO, not a regular file"):
+        _pin_config(tmp_path, str(fifo)).load_pin()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("path", "kind"), [("/dev/zero", "a character device"), ("DIR", "a directory")])
+def test_pin_file_device_or_directory_is_refused(tmp_path: Path, path: str, kind: str) -> None:
+    path = str(tmp_path) if path == "DIR" else path
+    with pytest.raises(ConfigError, match=rf"^group\.pin_file: PIN file .* is {kind}, not a regular file"):
+        _pin_config(tmp_path, path).load_pin()
+
+
+def test_pin_file_too_large_or_not_text(tmp_path: Path) -> None:
+    (tmp_path / "pin").write_bytes(b"1" * 4097)
+    config = Config.from_file(_write(tmp_path, BASE))
+    with pytest.raises(ConfigError, match=r"^group\.pin_file: PIN file .* is larger than 4096 bytes"):
+        config.load_pin()
+    (tmp_path / "pin").write_bytes(b"1" * 4095 + b"\n")
+    assert len(config.load_pin().reveal()) == 4095
+    (tmp_path / "pin").write_bytes(b"\xff\xfe12\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        config.load_pin()
+    (tmp_path / "pin").write_bytes(b"\n")
+    with pytest.raises(ConfigError, match="group.pin_file: the PIN is empty"):
+        config.load_pin()
+
+
+def test_pin_env_is_used_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = Config.from_file(_write(tmp_path, BASE.replace('pin_file = "pin"', 'pin_env = "P11G_PIN"')))
+    monkeypatch.setenv("P11G_PIN", " 43 21 \n")
+    assert config.load_pin().reveal() == " 43 21 \n"
+    monkeypatch.setenv("P11G_PIN", "")
+    with pytest.raises(ConfigError, match="group.pin_env: the PIN is empty"):
+        config.load_pin()

@@ -1,0 +1,75 @@
+"""The summary of a ``p11guard sign`` run (printed, and written as JSON with ``--report``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from p11guard.cli._paths import UsageError
+
+__all__ = ["SHOWN", "SignReport"]
+
+#: How many failed or changed records the summary and stderr name (``--report`` has all).
+SHOWN = 20
+
+
+@dataclass
+class SignReport:
+    """What a run did. ``signed`` counts ``resigned`` (changed records signed again)."""
+
+    records: int = 0
+    signed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    changed: int = 0
+    resigned: int = 0
+    recoveries: int = 0
+    outage_s: float = 0.0
+    elapsed_s: float = 0.0
+    ops_per_s: float = 0.0
+    failures: list[dict[str, str]] = field(default_factory=list)
+    changes: list[dict[str, str | int]] = field(default_factory=list)
+    stalls: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every record signed, none failed, none changed since it was signed."""
+        return self.failed == 0 and self.changed == 0
+
+    def summary(self) -> str:
+        resigned = f" ({self.resigned} re-signed after a change)" if self.resigned else ""
+        changed = f", changed {self.changed} (not re-signed)" if self.changed else ""
+        lines = [
+            f"records {self.records}, signed {self.signed}{resigned}, skipped {self.skipped} (already signed), "
+            f"failed {self.failed}{changed}",
+            f"recoveries {self.recoveries}, outage {self.outage_s:.1f} s, "
+            f"elapsed {self.elapsed_s:.1f} s, {self.ops_per_s:,.0f} signatures/s",
+        ]
+        for failure in self.failures[:SHOWN]:
+            lines.append(f"  failed {failure['id']}: {failure['reason']}")
+        if len(self.failures) > SHOWN:
+            lines.append(f"  ... and {len(self.failures) - SHOWN} more (all listed in --report)")
+        for change in self.changes[:SHOWN]:
+            lines.append(f"  changed {change['id']}: differs from what line {change['line']} of --out signed")
+        if len(self.changes) > SHOWN:
+            lines.append(f"  ... and {len(self.changes) - SHOWN} more changed (all listed in --report)")
+        return "\n".join(lines)
+
+    def changed_line(self) -> str:
+        """One line for stderr naming the first changed records and what to do."""
+        ids = ", ".join(str(c["id"]) for c in self.changes[:SHOWN])
+        more = f" and {self.changed - SHOWN} more" if self.changed > SHOWN else ""
+        return (
+            f"p11guard: {self.changed} record(s) changed since they were signed and were not re-signed: "
+            f"{ids}{more}; check them, then re-run with --resign-changed to sign them again"
+        )
+
+    def write(self, path: Path) -> None:
+        """Write as JSON, atomically (beside it, then renamed)."""
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+            tmp.replace(path)
+        except OSError as exc:
+            raise UsageError(f"--report {path}: cannot write it: {exc.strerror or exc} (--out is complete)") from None
