@@ -120,6 +120,7 @@ class HealthActor(pykka.ThreadingActor):
                     fresh=True,
                     cause=str(exc),
                     member=self.member,
+                    started=start,
                 )
             )
             return
@@ -138,6 +139,7 @@ class HealthActor(pykka.ThreadingActor):
                 info=info,
                 member=self.member,
                 host=given,
+                started=start,
             )
         )
         if given is not None:
@@ -169,9 +171,10 @@ class HealthActor(pykka.ThreadingActor):
                 break
             except (RemoteError, HostError) as exc:
                 error = exc
-                # A hang, a loss code or a PIN error is evidence about the group. Our own
-                # host crashing is not, nor is one CKR_GENERAL_ERROR (SoftHSM2 answers that
-                # now and then while another process rewrites the token): one more try.
+                # A hang, a loss code or a PIN error is decisive at once. Our own host
+                # crashing is not evidence, nor is one CKR_GENERAL_ERROR (SoftHSM2 answers
+                # that now and then while another process rewrites the token): one more
+                # try. A second failure of any kind is the verdict: the member is lost.
                 evidence = isinstance(exc, HostTimeout) or (
                     isinstance(exc, RemoteError) and exc.kind in (*LOSS_KINDS, "auth", "config")
                 )
@@ -194,6 +197,7 @@ class HealthActor(pykka.ThreadingActor):
                 cause=cause,
                 info=info,
                 member=self.member,
+                started=start,
             )
         )
 

@@ -53,6 +53,9 @@ class Job:
     items: list[tuple[str, dict[str, Any]]] | None = None
     attempts: int = 0
     last_error: str | None = None
+    #: Times a probe said the group was fine after this job met a loss signal: the
+    #: signal was the job's own. Once retried on another worker, the next is its answer.
+    cleared: int = 0
 
     @property
     def name(self) -> str:
@@ -157,6 +160,8 @@ class ProbeResult:
     info: dict[str, Any] = field(default_factory=dict)
     member: str = "default"
     host: HostProcess | None = None
+    #: When the probe began (``time.monotonic()``): a verdict covers the signals before it.
+    started: float = 0.0
 
 
 class FastLane:

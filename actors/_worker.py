@@ -23,7 +23,7 @@ from p11guard.actors._messages import (
 )
 from p11guard.base import Config, RemoteError, Secret
 from p11guard.host import HostProcess
-from p11guard.protocol import LOSS_KINDS
+from p11guard.protocol import SIGNAL_KINDS
 
 __all__ = ["CryptoWorker"]
 
@@ -136,10 +136,12 @@ class CryptoWorker(pykka.ThreadingActor):
                 raise RuntimeError("worker has no host")
             if job.items is not None:
                 results = host.call_batch(job.items, self.config.call_s)
-                # A loss inside a batch fails the whole frame: it is retried as a whole.
-                loss = next((r for r in results if isinstance(r, RemoteError) and r.kind in LOSS_KINDS), None)
-                if loss is not None:
-                    raise loss
+                # A loss signal inside a batch: the supervisor holds the whole frame for the
+                # probe's verdict (retried as a whole, or answered item by item).
+                signal = next((r for r in results if isinstance(r, RemoteError) and r.kind in SIGNAL_KINDS), None)
+                if signal is not None:
+                    self.supervisor.tell(JobDone(self.wid, self.generation, job, result=results, error=signal))
+                    return
                 result: Any = results
             else:
                 result = host.call(job.op, job.args, self.config.call_s)

@@ -62,4 +62,11 @@ class Faults:
             if how == "segv":
                 ctypes.string_at(0)
             raise BadRequest(f"unknown crash {how!r} (exit, sigkill, segv)")
-        raise BadRequest(f"unknown fault action {action!r} (fail_next, hang, crash)")
+        if action == "say":
+            # Output as a chatty module makes it (tpm2-pkcs11 in an outage): to stderr, by lines.
+            lines = arg(args, "lines", int, 1)
+            text = arg(args, "text", str, "module says")
+            for i in range(lines):
+                os.write(2, f"{text} {i}\n".encode())
+            return True
+        raise BadRequest(f"unknown fault action {action!r} (fail_next, hang, crash, say)")

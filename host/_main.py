@@ -87,11 +87,16 @@ def _hello(request: dict[str, Any], max_frame: int) -> tuple[dict[str, Any], Hos
         host.load(str(args["module"]))
     except Exception as exc:
         err = Host.error_reply(exc)
-        # C_Initialize of a network module fails with a loss code while the group is
-        # down: that is a group loss, not a configuration error.
-        if err["kind"] != "group_loss":
+        if err["ckr"] is None:
+            # The library could not be opened at all (dlopen, C_GetFunctionList): a
+            # configuration error, whenever it happens.
             err["kind"], err["name"] = "config", "module_load_failed"
-        err["message"] = f"cannot load PKCS#11 module {args['module']!r}: {exc}"
+            err["message"] = f"cannot load PKCS#11 module {args['module']!r}: {exc}"
+        else:
+            # C_Initialize answered a code: the module is there, its device may not be
+            # (a network HSM or a TPM that is down). The supervisor weighs it by when it
+            # happens: at first start a configuration error, after serving a loss.
+            err["message"] = f"C_Initialize of PKCS#11 module {args['module']!r} failed: {err['message']}"
         return {"id": rid, "err": err}, None, limit
     return {"id": rid, "ok": {"pid": os.getpid(), "generation": host.generation}}, host, limit
 

@@ -8,8 +8,6 @@ channel, and a broken host is never reused. This class is the one boundary where
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import itertools
 import math
 import os
@@ -17,7 +15,6 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -36,28 +33,11 @@ from p11guard.base import (
     Secret,
     remote_error,
 )
+from p11guard.host._launch import ENV_PASSTHROUGH, child_env, host_command
+from p11guard.host._output import HostOutput
 from p11guard.protocol import MAX_FRAME, Channel, FrameError, decode, encode
 
 __all__ = ["ENV_PASSTHROUGH", "HostProcess"]
-
-#: The only variables of the parent's environment a host sees (plus the module's ``env``):
-#: nothing else of the parent -- above all no PIN variable -- reaches the child.
-ENV_PASSTHROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "PYTHONPATH", "SOFTHSM2_CONF")
-
-
-@functools.cache
-def _host_path() -> tuple[str, ...]:
-    """Where a host (started with ``python -S``) finds p11guard, PyKCS11 and msgpack."""
-    out: list[str] = []
-    for name in ("p11guard", "PyKCS11", "msgpack"):
-        spec = importlib.util.find_spec(name)
-        origin = spec.origin if spec is not None else None
-        if origin:
-            path = os.path.dirname(os.path.dirname(os.path.realpath(origin)))
-            if path not in out:
-                out.append(path)
-    return tuple(out)
-
 
 def _signal_name(code: int | None) -> str | None:
     if code is None or code >= 0:
@@ -167,12 +147,6 @@ class HostProcess:
         self.module, self.generation, self.fault_injection, self.name = module, generation, fault_injection, name
         self._hello(start_timeout_s)
 
-    def _child_env(self) -> dict[str, str]:
-        env = {k: os.environ[k] for k in ENV_PASSTHROUGH if k in os.environ}
-        env.update(self.env)
-        env["PYTHONPATH"] = os.pathsep.join([*_host_path(), *filter(None, [env.get("PYTHONPATH")])])
-        return env
-
     def _start(self, timeout_s: float) -> None:
         self._launch()
         self._hello(timeout_s)
@@ -181,15 +155,13 @@ class HostProcess:
         parent_sock, child_sock = socket.socketpair()
         try:
             fd = child_sock.fileno()
-            # -S: no site (no .pth files, no editable-install finder): ~2.4 MiB and ~10 ms less
-            # per host; the few directories a host imports from are given in PYTHONPATH.
-            cmd = [sys.executable, "-S", "-m", "p11guard.host", "--fd", str(fd), "--parent", str(os.getpid())]
             self._popen = subprocess.Popen(
-                cmd,
-                env=self._child_env(),
+                host_command(fd),
+                env=child_env(self.env),
                 pass_fds=(fd,),
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,  # the module's own output: to the p11guard.host logger
+                stderr=subprocess.STDOUT,
                 close_fds=True,
             )
         except OSError as exc:
@@ -198,6 +170,8 @@ class HostProcess:
         finally:
             child_sock.close()
         self.pid = self._popen.pid
+        assert self._popen.stdout is not None
+        HostOutput.shared().watch(self._popen.stdout, self)
         self._conn = Channel(parent_sock.detach())
         try:
             self._pidfd = os.pidfd_open(self.pid)

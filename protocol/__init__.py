@@ -7,7 +7,7 @@ in order.
 """
 
 from p11guard.protocol._frames import MAX_FRAME, Channel, FrameError, decode, encode
-from p11guard.protocol._kinds import ERROR_KINDS, LOSS_KINDS
+from p11guard.protocol._kinds import ANSWER_KINDS, ERROR_KINDS, LOSS_KINDS, SIGNAL_KINDS
 from p11guard.protocol._ops import (
     IDEMPOTENT_OPS,
     KEY_TYPES,
@@ -19,6 +19,7 @@ from p11guard.protocol._ops import (
 )
 
 __all__ = [
+    "ANSWER_KINDS",
     "ERROR_KINDS",
     "IDEMPOTENT_OPS",
     "KEY_TYPES",
@@ -27,6 +28,7 @@ __all__ = [
     "MECHANISMS",
     "OPS",
     "SECRET_TYPES",
+    "SIGNAL_KINDS",
     "TOKEN_CHANGING_OPS",
     "Channel",
     "FrameError",

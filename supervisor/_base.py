@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -23,20 +24,24 @@ from p11guard.base import (
     AuthError,
     Config,
     ConfigError,
+    GuardClosed,
     GuardFailed,
     HostError,
     OpTimeout,
     OutcomeUnknown,
+    OutOfService,
     RemoteError,
     Secret,
 )
-from p11guard.protocol import LOSS_KINDS
+from p11guard.protocol import LOSS_KINDS, SIGNAL_KINDS
 from p11guard.supervisor._admission import AdmissionQueue
 from p11guard.supervisor._effects import Effects
 from p11guard.supervisor._states import (
     DISPATCHING,
     FINAL,
+    MAX_ATTEMPTS,
     Counters,
+    Held,
     InFlight,
     Member,
     MemberState,
@@ -47,13 +52,22 @@ from p11guard.supervisor._states import (
     WorkerSlot,
 )
 
-__all__ = ["SupervisorBase", "is_loss", "short"]
+__all__ = ["SupervisorBase", "is_loss", "is_signal", "short"]
 
 log = logging.getLogger("p11guard")
 
 
+def is_signal(error: BaseException | None) -> bool:
+    """A loss signal: anything not clearly the caller's (a module error of kind
+    ``group_loss``, ``session`` or ``internal``; a host that crashed, hung or broke its
+    channel). The worker is suspect and the probe decides; the job waits for the verdict."""
+    if isinstance(error, HostError):
+        return True
+    return isinstance(error, RemoteError) and error.kind in SIGNAL_KINDS
+
+
 def is_loss(error: BaseException | None) -> bool:
-    """A loss signal: the worker is suspect and the group must be probed."""
+    """One of the classic loss codes (or a failed host): decisive without a second try."""
     if isinstance(error, HostError):
         return True
     return isinstance(error, RemoteError) and error.kind in LOSS_KINDS
@@ -169,8 +183,78 @@ class SupervisorBase(pykka.ThreadingActor):
         self._settle(job, error=OpTimeout(job.name, self.config.op_deadline_s, str(self.state), job.last_error))
 
     def _fail_queue(self, error: BaseException) -> None:
+        for member in self.members.values():
+            self._requeue_held(member)
         for job in self.queue.drain():
             self._settle(job, error=error)
+
+    # -- jobs that met a loss signal ----------------------------------------------------
+
+    def _settled_at_signal(self, job: Job, error: BaseException) -> bool:
+        """Settle a job whose attempt ended in a loss signal if it cannot be retried;
+        ``True`` if it was."""
+        if self.state == State.FAILED:
+            self._settle(job, error=GuardFailed(self.failed_reason or "failed"))
+        elif self.closing:
+            self._settle(job, error=GuardClosed(f"the guard closed while {job.name} was in flight ({short(error)})"))
+        elif not job.idempotent:
+            self._settle(job, error=OutcomeUnknown(job.op, job.label, f"a loss signal arrived ({short(error)})"))
+        elif time.monotonic() >= job.deadline:
+            job.last_error = short(error)
+            self._expire(job)
+        elif job.attempts >= MAX_ATTEMPTS:
+            # A request that fails every host it meets (a module bug on that input, say)
+            # must not churn hosts until its deadline.
+            self._settle(job, error=error)
+        elif self.config.policy == "fail_fast" and self.state not in DISPATCHING:
+            self._settle(job, error=OutOfService(str(self.state), job.op))
+        else:
+            return False
+        return True
+
+    def _retry(self, job: Job, error: BaseException | None) -> None:
+        """Back to the front of the queue: it has waited longest."""
+        if error is not None:
+            job.last_error = short(error)
+        self.counters.ops_retried += len(job.items) if job.items else 1
+        self.queue.retry(job)
+
+    def _lost_in_flight(self, job: Job, error: BaseException) -> None:
+        """A job whose worker is gone with a verdict already made (member or group lost,
+        worker stopped): retried wherever the group serves next, if it can be."""
+        if not self._settled_at_signal(job, error):
+            self._retry(job, error)
+
+    def _hold(self, member: Member, job: Job, error: BaseException, outcome: Any) -> None:
+        """A job that met a loss signal on a member in service waits for the verdict."""
+        if not self._settled_at_signal(job, error):
+            job.last_error = short(error)
+            member.held.append(Held(job, outcome))
+
+    def _requeue_held(self, member: Member) -> None:
+        """The verdict is a loss: every held job is retried on what serves next."""
+        held, member.held = member.held, []
+        for h in reversed(held):  # retry() puts each at the front: keep their order
+            self._lost_in_flight(h.job, h.outcome if isinstance(h.outcome, BaseException) else HostError("loss"))
+
+    def _release_held(self, member: Member, probe_started: float) -> None:
+        """The verdict is "the member is fine": a held job's error was its own. Retried
+        once (on another worker: its own is renewed), then the error is its answer."""
+        keep: list[Held] = []
+        for h in member.held:
+            if h.at > probe_started:
+                keep.append(h)  # met its signal after this probe began: wait for the next
+                continue
+            h.job.cleared += 1
+            if h.job.cleared >= 2:
+                if isinstance(h.outcome, BaseException):
+                    self._settle(h.job, error=h.outcome)
+                else:
+                    self._settle(h.job, result=h.outcome)
+            else:
+                self._retry(h.job, None)
+        member.held = keep
+        self._dispatch()
 
     def _fail(self, reason: str, error: BaseException | None = None) -> None:
         """FAILED: a reason retrying cannot fix. Everything waiting gets :class:`GuardFailed`."""
@@ -207,5 +291,6 @@ class SupervisorBase(pykka.ThreadingActor):
             and not self.close_future.done()
             and not self.queue
             and not self.inflight
+            and not any(m.held for m in self.members.values())
         ):
             self.close_future.set_result(None)

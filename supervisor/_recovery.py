@@ -48,6 +48,7 @@ class RecoveryDecisions(SupervisorBase):
         slot.status, slot.pid, slot.sessions_opened = SlotState.IDLE, msg.pid, msg.sessions_opened
         self.idle.append(msg.wid)
         member = self.members[slot.member]
+        member.served = True
         if member.state in (MemberState.STARTING, MemberState.RECOVERING):
             member.state, member.reason, member.attempt = MemberState.SERVING, None, 0
             self._end_member_outage(member)
@@ -66,7 +67,7 @@ class RecoveryDecisions(SupervisorBase):
         if msg.generation != self.generation or slot is None or self.state in FINAL:
             return
         member = self.members[slot.member]
-        if self._keeps_out(msg.error):
+        if self._keeps_out(member, msg.error):
             self._keep_out(member, f"worker {msg.wid} could not log in: {msg.error}", msg.error)
             return
         if (
@@ -135,10 +136,20 @@ class RecoveryDecisions(SupervisorBase):
 
     # -- probes -------------------------------------------------------------------------
 
-    def _keeps_out(self, error: BaseException | None) -> bool:
-        """A verdict that retrying cannot change: wrong PIN, unloadable module, and -- for a
-        member of a listed group -- a module that answers without the group's token."""
-        if isinstance(error, AuthError | ModuleLoadError):
+    def _keeps_out(self, member: Member, error: BaseException | None) -> bool:
+        """A verdict that retrying cannot change.
+
+        A PIN error, always: retrying it burns the token's retry counter. Before the member
+        has served, also an unloadable module and -- for a member of a listed group -- a
+        module that answers without the group's token: configuration errors. After it has
+        served, the same failures are the member (or group) being lost: retried with
+        backoff, like any other.
+        """
+        if isinstance(error, AuthError):
+            return True
+        if member.served:
+            return False
+        if isinstance(error, ModuleLoadError):
             return True
         return bool(self.config.members) and isinstance(error, RemoteError) and error.name == "token_label_unknown"
 
@@ -197,12 +208,13 @@ class RecoveryDecisions(SupervisorBase):
                 self._start_workers(member, res.host)
             elif res.host is not None:
                 res.host.kill()
-        elif self._keeps_out(res.error):
+        elif self._keeps_out(member, res.error):
             assert res.error is not None
             self._keep_out(member, str(res.error), res.error)
-        elif res.ok or (not res.fresh and not is_loss(res.error)):
-            # A non-loss error (SoftHSM2's odd CKR_GENERAL_ERROR while another process logs
-            # in) is an answer too: the member is there.
+        elif res.ok:
+            # The member answers: the signals before this probe were the workers' or the
+            # jobs' own (the probe retried once before a failure became its verdict).
+            self._release_held(member, res.started)
             if member.state == MemberState.SUSPECT:
                 member.state = MemberState.SERVING
                 self._refresh(f"probe of {member.name} OK: false alarm")
@@ -230,6 +242,7 @@ class RecoveryDecisions(SupervisorBase):
             return
         member.state, member.reason = MemberState.OUT, reason
         self._stop_slots(self._member_slots(member))
+        self._requeue_held(member)
         log.error("member %s kept out: %s", member.name, reason)
         if all(m.state == MemberState.OUT for m in self.members.values()):
             self._fail(
@@ -257,6 +270,7 @@ class RecoveryDecisions(SupervisorBase):
             member.outage = Outage.begin(cause, member.generation - 1)
         log.warning("member %s lost (member generation %d): %s", member.name, member.generation, cause)
         self._stop_slots(self._member_slots(member))
+        self._requeue_held(member)
         self._prestart(member)
         self._after_member_change(member, cause, error)
         if self.state not in FINAL:
@@ -292,6 +306,8 @@ class RecoveryDecisions(SupervisorBase):
         self.outage = Outage.begin(cause, self.generation)
         self._set_state(State.LOST, cause)
         self._stop_slots(list(self.slots.values()))
+        for member in self.members.values():
+            self._requeue_held(member)
         self.effects.kill_all_hosts()  # the probe hosts too: nothing of this generation survives
         if self.closing:
             self._fail_queue(GuardClosed("the guard closed while the group was lost"))

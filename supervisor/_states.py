@@ -21,6 +21,7 @@ __all__ = [
     "FINAL",
     "MAX_ATTEMPTS",
     "Counters",
+    "Held",
     "InFlight",
     "Member",
     "MemberState",
@@ -139,6 +140,19 @@ class Outage:
         self.duration_s = round(time.monotonic() - self.start_mono, 3)
 
 
+@dataclass
+class Held:
+    """A job that met a loss signal on a member in service, waiting for the probe's verdict.
+
+    ``outcome`` is what the caller gets if the verdict says the error was the job's own
+    (and it already had its one retry): the exception, or a batch's per-item results.
+    """
+
+    job: Job
+    outcome: Any
+    at: float = field(default_factory=time.monotonic)
+
+
 class Member:
     """The supervisor's view of one member of the group (``LunaHAStatus`` has one per member)."""
 
@@ -158,6 +172,10 @@ class Member:
         self.losses = 0
         self.recoveries = 0
         self.last_probe: dict[str, Any] | None = None
+        self.held: list[Held] = []
+        #: One of its workers has served: from now on a start failure is a loss, not a
+        #: configuration error (a PIN error still never is).
+        self.served = False
 
     @property
     def in_service(self) -> bool:

@@ -45,9 +45,9 @@ from p11guard.actors import (
     WorkerReady,
     WorkerStopped,
 )
-from p11guard.base import GuardClosed, GuardFailed, HostCrashed, HostError, OutcomeUnknown, OutOfService
+from p11guard.base import GuardClosed, HostCrashed, HostError
 from p11guard.supervisor._admission import refusal
-from p11guard.supervisor._base import is_loss, short
+from p11guard.supervisor._base import is_signal
 from p11guard.supervisor._messages import (
     AddCallback,
     Close,
@@ -63,7 +63,6 @@ from p11guard.supervisor._recovery import RecoveryDecisions
 from p11guard.supervisor._states import (
     DISPATCHING,
     FINAL,
-    MAX_ATTEMPTS,
     InFlight,
     MemberState,
     SlotState,
@@ -176,28 +175,6 @@ class Supervisor(RecoveryDecisions):
             self.inflight[job.seq] = InFlight(self.generation, wid, job)
             slot.ref.tell(RunJob(job))
 
-    def _lost_in_flight(self, job: Job, error: BaseException) -> None:
-        """A job whose worker hit a loss signal (or was killed under it)."""
-        if self.state == State.FAILED:
-            self._settle(job, error=GuardFailed(self.failed_reason or "failed"))
-        elif self.closing:
-            self._settle(job, error=GuardClosed(f"the guard closed while {job.name} was in flight ({short(error)})"))
-        elif not job.idempotent:
-            self._settle(job, error=OutcomeUnknown(job.op, job.label, f"a loss signal arrived ({short(error)})"))
-        elif time.monotonic() >= job.deadline:
-            job.last_error = short(error)
-            self._expire(job)
-        elif job.attempts >= MAX_ATTEMPTS:
-            # A request that fails every host it meets (a module bug on that input, say)
-            # must not churn hosts until its deadline.
-            self._settle(job, error=error)
-        elif self.config.policy == "fail_fast" and self.state not in DISPATCHING:
-            self._settle(job, error=OutOfService(str(self.state), job.op))
-        else:
-            job.last_error = short(error)
-            self.counters.ops_retried += len(job.items) if job.items else 1
-            self.queue.retry(job)
-
     def _on_job_done(self, msg: JobDone) -> None:
         entry = self.inflight.pop(msg.job.seq, None)
         slot = self.slots.get(msg.wid)
@@ -219,17 +196,20 @@ class Supervisor(RecoveryDecisions):
                 slot.status = SlotState.IDLE
                 slot.fail_streak = 0
                 self.idle.append(slot.wid)
-        elif not is_loss(msg.error):
+        elif not is_signal(msg.error):
             self._settle(msg.job, error=msg.error)
             if current:
                 assert slot is not None
                 slot.status = SlotState.IDLE
                 self.idle.append(slot.wid)
+        elif current:
+            # Evidence, not a verdict: the job waits for the probe of this worker's member.
+            assert slot is not None
+            outcome = msg.result if msg.result is not None else msg.error
+            self._hold(self.members[slot.member], msg.job, msg.error, outcome)
+            self._suspect(slot, msg.error)
         else:
             self._lost_in_flight(msg.job, msg.error)
-            if current:
-                assert slot is not None
-                self._suspect(slot, msg.error)
         self._dispatch()
         self._maybe_closed()
 
@@ -261,6 +241,10 @@ class Supervisor(RecoveryDecisions):
         now = time.monotonic()
         for job in self.queue.expired(now):
             self._expire(job)
+        for member in self.members.values():
+            for held in [h for h in member.held if now >= h.job.deadline]:
+                member.held.remove(held)
+                self._expire(held.job)
         if self.state in DISPATCHING:
             # An idle worker's host that died (killed, OOM...) is noticed now, not by the
             # next job that would meet it.
@@ -300,6 +284,10 @@ class Supervisor(RecoveryDecisions):
         for entry in self.inflight.values():
             self._settle(entry.job, error=GuardClosed("the guard closed with the job in flight"))
         self.inflight.clear()
+        for member in self.members.values():
+            for held in member.held:
+                self._settle(held.job, error=GuardClosed("the guard closed while the job waited for a probe"))
+            member.held.clear()
         polite = self.state in DISPATCHING
         self._set_state(State.CLOSED, "close()")
         refs: list[pykka.ActorRef[Any]] = []

@@ -17,8 +17,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,9 +25,20 @@ import psutil
 
 from p11guard.base import Config, Secret
 from p11guard.testbed._configs import write_client_configs
+from p11guard.testbed._devices import (
+    BACKENDS,
+    Device,
+    device_fault,
+    device_for,
+    device_running,
+    write_device_config,
+)
+from p11guard.testbed._network import check_client, start_proxy, start_server
+from p11guard.testbed._opencryptoki import OpencryptokiToken
 from p11guard.testbed._procs import TestbedError, alive, stop_tree, wait_for
 from p11guard.testbed._proxy_control import member_status, proxy_control
 from p11guard.testbed._softhsm import find_tools, init_softhsm_token
+from p11guard.testbed._tpm import TpmDevice
 
 __all__ = ["FAULTS", "MAX_MEMBERS", "Testbed", "TestbedError", "find_tools", "member_names"]
 
@@ -111,6 +120,14 @@ class Testbed:
         return [str(m["name"]) for m in self._members(self._state())]
 
     @property
+    def backend(self) -> str:
+        """``softhsm`` (the network group), ``opencryptoki`` or ``tpm`` (a device in-process)."""
+        return str(self._state().get("backend", "softhsm"))
+
+    def _device(self) -> Device:
+        return device_for(self.backend, self.dir, self.token_label)
+
+    @property
     def proxy_socket(self) -> str:
         """The first member's proxy socket."""
         return self.member_proxy_socket()
@@ -129,33 +146,44 @@ class Testbed:
 
     @property
     def is_up(self) -> bool:
-        members = self._members(self._state())
+        st = self._state()
+        if st.get("backend", "softhsm") != "softhsm":
+            return device_running(self._device())
+        members = self._members(st)
         return bool(members) and all(alive(m.get("proxy_pid"), m.get("proxy_created")) for m in members)
 
     # -- life cycle ---------------------------------------------------------------------
 
-    def up(self, timeout: float = 60.0, members: int = 1) -> bool:
+    def up(self, timeout: float = 60.0, members: int = 1, backend: str = "softhsm") -> bool:
         """Start everything in the background; return when a client can sign through every member.
 
         Args:
             timeout: seconds to wait for each process.
             members: how many members (p11-kit servers, each behind its own proxy).
+            backend: ``softhsm`` (a network group of SoftHSM2 behind p11-kit), ``opencryptoki``
+                or ``tpm`` (one device, loaded in-process by each client; one member).
 
         Returns:
             ``False`` if the testbed was already running (nothing was started).
 
         Raises:
-            TestbedError: a tool is missing, or a testbed with another member count runs here.
+            TestbedError: a tool is missing, or a testbed of another shape runs here.
         """
         names = member_names(members)
+        if backend not in BACKENDS:
+            raise TestbedError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        if backend != "softhsm" and members != 1:
+            raise TestbedError(f"the {backend} backend is one device: --members must be 1, not {members}")
         if self.is_up:
-            running = len(self.members)
-            if running != members:
+            running, running_backend = len(self.members), self.backend
+            if (running, running_backend) != (members, backend):
                 raise TestbedError(
-                    f"a testbed with {running} member(s) already runs in {self.dir}; "
+                    f"a {running_backend} testbed with {running} member(s) already runs in {self.dir}; "
                     f"stop it first with: p11guard testbed down --dir {self.dir}"
                 )
             return False
+        if backend != "softhsm":
+            return self._up_device(backend, timeout)
         tools = find_tools()
         self.down()  # a half-dead testbed from an earlier run: stop what is left of it
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -181,99 +209,36 @@ class Testbed:
         }
         self._save(state)
         try:
+            save = functools.partial(self._save, state)
             for member in state["members"]:
-                self._start_server(state, member, timeout)
-                self._start_proxy(state, member)
+                start_server(self.dir, tools, self.token_label, member, save, timeout)
+                start_proxy(self.dir, member, save)
             for member in state["members"]:
                 wait_for(functools.partial(os.path.exists, member["control_socket"]), timeout, "the fault proxy")
             write_client_configs(self.dir, tools, state, self.token_label)
             for member in state["members"]:
-                self._check_client(member, timeout)
+                check_client(tools["client"], self.token_label, self.pin, member, timeout)
         except BaseException:
             self.down()
+            raise
+        return True
+
+    def _up_device(self, backend: str, timeout: float) -> bool:
+        self.down()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        device = device_for(backend, self.dir, self.token_label)
+        try:
+            info = device.up(timeout)
+            write_device_config(self.dir, backend, info)
+            self._save({"backend": backend, "token_label": self.token_label, "members": [{"name": "hsm"}]})
+        except BaseException:
+            device.down()
             raise
         return True
 
     def make_token(self) -> None:
         """Make this testbed's token (and PIN files) without starting anything."""
         init_softhsm_token(self.dir, find_tools(), self.token_label)
-
-    def _log(self, what: str, member: dict[str, Any]) -> Path:
-        return self.dir / (f"{what}.log" if member["name"] == "hsm" else f"{what}-{member['name']}.log")
-
-    def _start_proxy(self, state: dict[str, Any], member: dict[str, Any]) -> None:
-        log = open(self._log("proxy", member), "ab")  # noqa: SIM115 - handed to the child
-        with log:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "p11guard.testbed._proxy",
-                    "--listen",
-                    member["proxy_socket"],
-                    "--upstream",
-                    member["server_socket"],
-                    "--control",
-                    member["control_socket"],
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        member["proxy_pid"] = proc.pid
-        member["proxy_created"] = psutil.Process(proc.pid).create_time()
-        self._save(state)
-
-    def _start_server(self, state: dict[str, Any], member: dict[str, Any], timeout: float) -> None:
-        tools = state["tools"]
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(member["server_socket"])
-        log_path = self._log("server", member)
-        log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-        with log:
-            proc = subprocess.Popen(
-                [
-                    tools["p11kit"],
-                    "server",
-                    "-f",
-                    "--provider",
-                    tools["softhsm"],
-                    "-n",
-                    member["server_socket"],
-                    f"pkcs11:token={self.token_label}",
-                ],
-                env={**os.environ, "SOFTHSM2_CONF": str(self.softhsm_conf)},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        member["server_pid"] = proc.pid
-        member["server_created"] = psutil.Process(proc.pid).create_time()
-        self._save(state)
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise TestbedError(f"p11-kit server exited with {proc.returncode}; see {log_path}")
-            return os.path.exists(member["server_socket"])
-
-        wait_for(ready, timeout, f"p11-kit server of {member['name']}")
-
-    def _check_client(self, member: dict[str, Any], timeout: float) -> None:
-        from p11guard.host import HostProcess
-
-        state = self._state()
-        host = HostProcess.spawn(
-            state["tools"]["client"],
-            env={"P11_KIT_SERVER_ADDRESS": f"unix:path={member['proxy_socket']}"},
-            start_timeout_s=timeout,
-        )
-        try:
-            host.open(self.token_label, self.pin, timeout)
-            host.call("random", {"n": 16}, timeout)
-        finally:
-            host.close()
 
     def client_config(self, direct: bool = False, **changes: Any) -> Config:
         """A validated client config for tests and tools: short timeouts, fault injection on.
@@ -317,6 +282,11 @@ class Testbed:
         st = self._state()
         if not st:
             return
+        if st.get("backend", "softhsm") != "softhsm":
+            self._device().down()
+            with contextlib.suppress(FileNotFoundError):
+                self.state_path.unlink()
+            return
         for member in self._members(st):
             stop_tree(member.get("proxy_pid"), member.get("proxy_created"))
             stop_tree(member.get("server_pid"), member.get("server_created"))
@@ -332,7 +302,11 @@ class Testbed:
             self.state_path.unlink()
 
     def pids(self) -> list[int]:
-        """Pids of every live process of this testbed (server trees and proxies)."""
+        """Pids of every live process of this testbed (server trees and proxies; daemons)."""
+        if self.backend == "tpm":
+            return [p for p in TpmDevice(self.dir, self.token_label).status()["pids"].values() if p]
+        if self.backend == "opencryptoki":
+            return OpencryptokiToken(self.dir, self.token_label).pids()
         out: list[int] = []
         for member in self._members(self._state()):
             for key in ("server", "proxy"):
@@ -347,6 +321,8 @@ class Testbed:
 
     def _require_up(self) -> dict[str, Any]:
         st = self._state()
+        if st.get("backend", "softhsm") != "softhsm" and self.is_up:
+            return st
         if not self._members(st) or not any(
             alive(m.get("proxy_pid"), m.get("proxy_created")) for m in self._members(st)
         ):
@@ -362,9 +338,12 @@ class Testbed:
         Returns:
             The new status.
         """
+        st = self._require_up()
+        if st.get("backend", "softhsm") != "softhsm":
+            device_fault(self._device(), name)
+            return self.status(member)
         if name not in FAULTS:
             raise TestbedError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
-        st = self._require_up()
         if name == "latency" and (ms is None or ms < 0):
             raise TestbedError("latency needs a number of milliseconds >= 0, e.g. `latency 2`")
         targets = self._members(st)
@@ -380,7 +359,7 @@ class Testbed:
                 self._save(st)
             elif name == "start-server":
                 if not alive(target.get("server_pid"), target.get("server_created")):
-                    self._start_server(st, target, 30.0)
+                    start_server(self.dir, st["tools"], self.token_label, target, functools.partial(self._save, st), 30)
             else:
                 proxy_control(target["control_socket"], {"cmd": name, "ms": ms})
         return self.status(member)
@@ -395,6 +374,18 @@ class Testbed:
         members = self._members(st)
         if not members:
             return {"up": False, "dir": str(self.dir)}
+        backend = st.get("backend", "softhsm")
+        if backend != "softhsm":
+            device = self._device()
+            detail = device.status() if isinstance(device, TpmDevice) else {"pids": {"pkcsslotd": device.pids()}}
+            return {
+                "up": self.is_up,
+                "dir": str(self.dir),
+                "config": str(self.config_path),
+                "backend": backend,
+                "fault": {"device": detail.get("device", "running")},
+                **detail,
+            }
         listed = [member_status(m) for m in members]
         first = next((m for m in listed if m["name"] == member), listed[0])
         out: dict[str, Any] = {

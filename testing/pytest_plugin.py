@@ -128,20 +128,27 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "hsm_members(n): run the test's hsm_group (and guard) on a testbed of n HA members"
     )
+    config.addinivalue_line(
+        "markers",
+        "hsm_backend(name): run the test's hsm_group (and guard) on another backend: "
+        "'tpm' (a software TPM that can really be lost) or 'opencryptoki' (its soft token)",
+    )
 
 
 @pytest.fixture(scope="session")
-def hsm_testbeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[int], Testbed]]:
-    """``hsm_testbeds(n)``: the session's running testbed of ``n`` members (started on
-    first use); every one is torn down at the end, whatever happened."""
-    beds: dict[int, Testbed] = {}
+def hsm_testbeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Testbed]]:
+    """``hsm_testbeds(n, backend="softhsm")``: the session's running testbed of ``n``
+    members on ``backend`` (started on first use); every one is torn down at the end,
+    whatever happened."""
+    beds: dict[tuple[int, str], Testbed] = {}
 
-    def get(members: int) -> Testbed:
-        if members not in beds:
-            bed = Testbed(tmp_path_factory.mktemp("hsm-group" if members == 1 else f"hsm-group-{members}"))
-            beds[members] = bed
-            bed.up(members=members)
-        return beds[members]
+    def get(members: int, backend: str = "softhsm") -> Testbed:
+        if (members, backend) not in beds:
+            name = "hsm-group" if members == 1 else f"hsm-group-{members}"
+            bed = Testbed(tmp_path_factory.mktemp(name if backend == "softhsm" else f"hsm-{backend}"))
+            beds[(members, backend)] = bed
+            bed.up(members=members, backend=backend)
+        return beds[(members, backend)]
 
     try:
         yield get
@@ -151,18 +158,25 @@ def hsm_testbeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
 
 @pytest.fixture(scope="session")
-def hsm_group_session(hsm_testbeds: Callable[[int], Testbed]) -> Testbed:
+def hsm_group_session(hsm_testbeds: Callable[..., Testbed]) -> Testbed:
     """A running testbed (one member) shared by the session; torn down at the end."""
     return hsm_testbeds(1)
 
 
 @pytest.fixture
-def hsm_group(hsm_testbeds: Callable[[int], Testbed], request: pytest.FixtureRequest) -> Iterator[Testbed]:
-    """The session's testbed (of ``hsm_members(n)`` members), every fault cleared after the test."""
-    marker = request.node.get_closest_marker("hsm_members")
-    bed = hsm_testbeds(int(marker.args[0]) if marker and marker.args else 1)
+def hsm_group(hsm_testbeds: Callable[..., Testbed], request: pytest.FixtureRequest) -> Iterator[Testbed]:
+    """The session's testbed (of ``hsm_members(n)`` members, on ``hsm_backend(name)``),
+    every fault cleared after the test."""
+    members = request.node.get_closest_marker("hsm_members")
+    backend = request.node.get_closest_marker("hsm_backend")
+    bed = hsm_testbeds(
+        int(members.args[0]) if members and members.args else 1,
+        str(backend.args[0]) if backend and backend.args else "softhsm",
+    )
     yield bed
-    if bed.is_up or bed.members:
+    if bed.backend == "tpm":
+        bed.fault("restore")
+    elif bed.backend == "softhsm" and (bed.is_up or bed.members):
         bed.fault("restore")
         bed.fault("latency", 0)
         bed.fault("start-server")

@@ -139,7 +139,15 @@ class Rig:
         fresh = kw.pop("fresh", True)
         self.send(
             ProbeResult(
-                m.generation, ok, time.time(), 0.001, error, fresh=fresh, member=member, cause=kw.pop("cause", None)
+                m.generation,
+                ok,
+                time.time(),
+                0.001,
+                error,
+                fresh=fresh,
+                member=member,
+                cause=kw.pop("cause", None),
+                started=time.monotonic(),
             )
         )
 

@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from decisions import Rig, make_config
+from decisions import Rig, Worker, make_config
 
 from p11guard import (
     AuthError,
@@ -20,12 +20,14 @@ from p11guard import (
     GuardClosed,
     GuardFailed,
     HostCrashed,
+    InternalError,
+    ModuleLoadError,
     OpTimeout,
     OutcomeUnknown,
     OutOfService,
     UserError,
 )
-from p11guard.actors import JobDone, Renew, Report, RunJob, StartProbe, WorkerReady
+from p11guard.actors import Job, JobDone, ProbeResult, Renew, Report, RunJob, StartProbe, WorkerReady
 from p11guard.supervisor import (
     AdmissionQueue,
     Close,
@@ -226,3 +228,105 @@ def test_slot_states_are_enums(rig: Rig) -> None:
     status = rig.send(StatusRequest())
     assert status["state"] == "SERVING" and {w["status"] for w in status["workers"]} == {"idle"}
     assert status["members"][0]["state"] == "serving"
+
+
+# -- loss by evidence: the probe decides, not the error code -------------------------------------
+
+
+def internal(op: str = "sign") -> InternalError:
+    return InternalError("the module failed", kind="internal", ckr=0x5, name="CKR_GENERAL_ERROR", op=op)
+
+
+def _run_one(rig: Rig, job: Job) -> Worker:
+    """Submit ``job``; the worker it went to."""
+    rig.sup._on_submit(job)
+    return next(w for w in rig.current() if any(m.job is job for m in w.ref.of(RunJob)))
+
+
+def test_a_general_error_with_a_healthy_group_costs_one_probe_and_no_recovery(rig: Rig) -> None:
+    rig.serve()
+    job = rig.job()
+    w = _run_one(rig, job)
+    rig.send(JobDone(w.wid, 0, job, error=internal()))
+    assert not job.future.done()  # waits for the verdict, does not fail
+    assert len(rig.effects.health["default"].of(Report)) == 1
+    rig.probe(fresh=False)  # the group answers
+    other = next(x for x in rig.current() if any(m.job is job for m in x.ref.of(RunJob)) and x is not w)
+    rig.send(JobDone(other.wid, 0, job, result=b"sig"))
+    assert job.future.result(0) == b"sig"
+    assert rig.sup.generation == 0 and rig.sup.counters.recoveries == 0 and "all" not in rig.effects.kills
+
+
+def test_an_error_that_is_the_requests_own_is_retried_once_then_reported(rig: Rig) -> None:
+    rig.serve()
+    job = rig.job()
+    w = _run_one(rig, job)
+    rig.send(JobDone(w.wid, 0, job, error=internal()))
+    rig.probe(fresh=False)
+    other = next(x for x in rig.current() if x is not w)
+    rig.send(JobDone(other.wid, 0, job, error=internal()))
+    assert not job.future.done()  # a second signal: the group may have gone meanwhile
+    rig.probe(fresh=False)
+    with pytest.raises(InternalError, match="CKR_GENERAL_ERROR"):
+        job.future.result(0)
+    assert job.attempts == 2 and rig.sup.generation == 0 and rig.sup.counters.recoveries == 0
+
+
+def test_a_general_error_then_a_failed_probe_is_a_group_loss_and_the_job_waits(rig: Rig) -> None:
+    rig.serve()
+    job = rig.job()
+    w = _run_one(rig, job)
+    rig.send(JobDone(w.wid, 0, job, error=internal()))
+    rig.probe(ok=False, error=internal("probe"), fresh=False)  # any probe failure is the verdict
+    assert rig.sup.state == State.RECOVERING and not job.future.done()
+    rig.probe(ok=False, error=ModuleLoadError("C_Initialize failed", kind="internal", ckr=0x5))
+    assert rig.sup.state == State.RECOVERING  # after serving, a failed start is a loss: retried
+    assert any(isinstance(m, MemberAttempt) for _, m in rig.effects.scheduled)
+    rig.probe()
+    rig.ready(rig.current())
+    assert any(m.job is job for x in rig.current() for m in x.ref.of(RunJob))  # retried on generation 1
+
+
+def test_a_verdict_covers_only_the_signals_before_its_probe_began(rig: Rig) -> None:
+    rig.serve()
+    early = rig.job()
+    w = _run_one(rig, early)
+    rig.send(JobDone(w.wid, 0, early, error=internal()))
+    before = time.monotonic()
+    late = rig.job()
+    other = _run_one(rig, late)
+    rig.send(JobDone(other.wid, 0, late, error=internal()))
+    m = rig.sup.members["default"]
+    rig.send(ProbeResult(m.generation, True, time.time(), 0.001, fresh=False, started=before))
+    assert early.cleared == 1 and late.cleared == 0 and [h.job for h in m.held] == [late]
+
+
+def test_a_pin_error_after_serving_is_still_never_retried(rig: Rig) -> None:
+    rig.serve()
+    rig.probe(ok=False, error=internal("probe"), fresh=False)
+    rig.probe(ok=False, error=AuthError("login refused", kind="auth", ckr=0xA0, name="CKR_PIN_INCORRECT"))
+    assert rig.sup.state == State.FAILED and rig.sup.counters.login_failures == 1
+
+
+def test_a_batch_with_a_signal_item_is_held_then_answered_item_by_item(rig: Rig) -> None:
+    rig.serve()
+    job = rig.job("batch")
+    w = _run_one(rig, job)
+    results = [b"a", internal(), b"c"]
+    rig.send(JobDone(w.wid, 0, job, result=results, error=results[1]))
+    rig.probe(fresh=False)
+    other = next(x for x in rig.current() if x is not w)
+    rig.send(JobDone(other.wid, 0, job, result=results, error=results[1]))
+    rig.probe(fresh=False)
+    assert job.future.result(0) == results  # the good items signed, the bad one its own error
+
+
+def test_fail_fast_answers_held_work_at_a_loss(tmp_path: Path) -> None:
+    rig = Rig(make_config(tmp_path, policy="fail_fast"))
+    rig.serve()
+    job = rig.job()
+    w = _run_one(rig, job)
+    rig.send(JobDone(w.wid, 0, job, error=internal()))
+    rig.probe(ok=False, error=internal("probe"), fresh=False)
+    with pytest.raises(OutOfService):
+        job.future.result(0)

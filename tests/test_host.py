@@ -401,3 +401,19 @@ def test_fast_sign_path_is_used_directly_and_not_through_rpc(open_host: HostProc
     for host in (open_host, net_host):
         sig = host.call("sign", {"key": "test-ec", "data": b"fast?"})
         _verify(host.call("public_key", {"key": "test-ec"}), sig, b"fast?", "ecdsa-sha256")
+
+
+def test_module_output_goes_to_the_logger_rate_limited(
+    open_host: HostProcess, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from p11guard.host._output import BURST_LINES
+
+    caplog.set_level(logging.WARNING, logger="p11guard.host")
+    open_host.call("fault", {"action": "say", "lines": 400, "text": "ESYS error"})
+    pid = open_host.pid
+    open_host.kill()  # EOF on its pipe: the count of what was left out is logged
+    wait_until(lambda: any("left out" in r.getMessage() for r in caplog.records), 5, "the summary line")
+    said = [r.getMessage() for r in caplog.records if r.name == "p11guard.host"]
+    assert said[:BURST_LINES] == [f"host host (pid {pid}): ESYS error {i}" for i in range(BURST_LINES)]
+    assert said[-1] == f"host host (pid {pid}): {400 - BURST_LINES} more lines of module output left out"
+    assert "ESYS" not in capfd.readouterr().err  # never straight to the terminal

@@ -310,8 +310,9 @@ def test_asyncio_and_sign_many(net_config: Config, group: Testbed) -> None:
 
 
 def test_a_request_that_fails_every_host_gives_up(net_config: Config, group: Testbed) -> None:
+    """The probe answers each time: the error is the request's own. One retry on another
+    worker, then the error is its answer -- no churn, no recovery."""
     from p11guard import SessionError
-    from p11guard.supervisor._supervisor import MAX_ATTEMPTS
 
     with guard(net_config) as g:
         for wid in (0, 1):  # every sign fails with a session error, on either worker, again and again
@@ -319,7 +320,8 @@ def test_a_request_that_fails_every_host_gives_up(net_config: Config, group: Tes
         with pytest.raises(SessionError, match="CKR_SESSION_HANDLE_INVALID"):
             g.sign(EC_KEY, b"poison")
         status = g.status()
-        assert status["counters"]["ops_retried"] == MAX_ATTEMPTS - 1
+        assert status["counters"]["ops_retried"] == 1
+        assert status["counters"]["probes"] >= 2 and status["counters"]["recoveries"] == 0
         assert status["generation"] == 0  # the group was fine all along
         assert len(g.random(8)) == 8  # and still serves everything else
 
