@@ -39,6 +39,7 @@ from p11guard.protocol import MAX_FRAME, Channel, FrameError, decode, encode
 
 __all__ = ["ENV_PASSTHROUGH", "HostProcess"]
 
+
 def _signal_name(code: int | None) -> str | None:
     if code is None or code >= 0:
         return None
