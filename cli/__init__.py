@@ -24,7 +24,7 @@ def _testbed(opts: argparse.Namespace) -> int:
 
     bed = Testbed(opts.dir)
     if opts.action == "up":
-        started = bed.up(members=opts.members)
+        started = bed.up(members=opts.members, backend=opts.backend)
         if not started:
             print(f"a testbed is already running in {bed.dir}", file=sys.stderr)
         print(bed.config_path)
@@ -69,7 +69,7 @@ def _member_count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from p11guard.testbed import FAULTS, MAX_MEMBERS
+    from p11guard.testbed import BACKENDS, DEVICE_FAULTS, FAULTS, MAX_MEMBERS
 
     parser = argparse.ArgumentParser(
         prog="p11guard",
@@ -95,10 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="N",
                 help=f"HA members: N p11-kit servers over one token, each behind its own proxy (1-{MAX_MEMBERS})",
             )
-    p = tb_sub.add_parser("fault", help="inject a fault: " + ", ".join(FAULTS))
+            p.add_argument(
+                "--backend",
+                choices=BACKENDS,
+                default="softhsm",
+                help="softhsm: a network group (default); tpm: a software TPM that can be lost; "
+                "opencryptoki: its soft token (one device, in-process)",
+            )
+    faults = [*FAULTS, *(f for f in DEVICE_FAULTS if f not in FAULTS)]
+    p = tb_sub.add_parser("fault", help="inject a fault: " + ", ".join(faults))
     p.add_argument("--dir", required=True)
     p.add_argument("--member", metavar="NAME", help="only this member (default: every member, the whole group)")
-    p.add_argument("fault", metavar="FAULT", help=" | ".join(FAULTS))
+    p.add_argument("fault", metavar="FAULT", help=" | ".join(faults))
     p.add_argument("ms", nargs="?", help="milliseconds, for latency")
     tb.set_defaults(func=_testbed)
 

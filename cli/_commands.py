@@ -106,7 +106,7 @@ def _chaos(opts: argparse.Namespace) -> int:
 
     if opts.duration < 5:
         raise UsageError("--duration must be at least 5 seconds")
-    return run_cli(opts.duration, opts.seed, opts.json, opts.soak)
+    return run_cli(opts.duration, opts.seed, opts.json, opts.soak, opts.backend)
 
 
 def add_commands(sub: Any) -> None:
@@ -160,6 +160,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=1, help="the same seed gives the same schedule")
     p.add_argument("--json", action="store_true", help="one JSON object on the last line")
     p.add_argument("--soak", action="store_true", help="record RSS each second; fail if it keeps growing")
+    p.add_argument(
+        "--backend",
+        choices=("softhsm", "tpm"),
+        default="softhsm",
+        help="softhsm: the network group (default); tpm: a software TPM that is really lost",
+    )
     p.set_defaults(func=_chaos)
 
     p = sub.add_parser("verify", help="check a signature file with no HSM (cryptography only)")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 
 from p11guard.actors import ProbeResult, Renew, Report, StartProbe, WorkerFailed, WorkerReady
@@ -226,6 +227,8 @@ class RecoveryDecisions(SupervisorBase):
             member.state == MemberState.LOST
             or (member.state == MemberState.STARTING and not is_loss(res.error) and member.attempt < 3)
         ):
+            if self._gave_up(res.error):
+                return
             member.attempt += 1
             delay = self._backoff(member.attempt)
             log.debug("probe %d of %s failed (%s); next in %.3f s", member.attempt, member.name, res.error, delay)
@@ -332,6 +335,21 @@ class RecoveryDecisions(SupervisorBase):
             for member in members:
                 self._prestart(member)
                 self._probe_member(member)
+
+    def _gave_up(self, error: BaseException | None) -> bool:
+        """FAILED once the group has been lost for ``recovery.give_up_after_s`` (if set)."""
+        limit = self.config.give_up_after_s
+        if limit is None or self.outage is None or self.state != State.RECOVERING:
+            return False
+        lost_s = time.monotonic() - self.outage.start_mono
+        if lost_s < limit:
+            return False
+        self._fail(
+            f"the group has not answered for {lost_s:.1f} s (recovery.give_up_after_s = {limit:g}); "
+            f"last error: {short(error)}",
+            error,
+        )
+        return True
 
     def _end_outage(self) -> None:
         if self.outage is None:

@@ -212,13 +212,7 @@ class TpmDevice:
             state["procs"]["dbus"] = {"pid": pid, "create_time": psutil.Process(pid).create_time()}
             self._save(state)
             self._start_swtpm(state, tools, deadline)
-            env = {**os.environ, "DBUS_SESSION_BUS_ADDRESS": state["dbus_address"]}
-            tcti = f"--tcti=swtpm:host=127.0.0.1,port={state['port']}"
-            # each module instance takes 2 of abrmd's connections: 27 by default, 100 at most
-            argv = [tools["abrmd"], "--allow-root", "--session", "--max-connections=100", tcti]
-            state["procs"]["abrmd"] = self._spawn("abrmd", argv, env)
-            self._save(state)
-            _wait("tpm2-abrmd", lambda: self._abrmd_ready(state, tools), deadline, self.directory / "abrmd.log")
+            self._start_abrmd(state, tools, deadline)
             self._no_lockout(state)
             if not self._has_token():
                 self._make_token(state, tools, deadline)
@@ -253,6 +247,16 @@ class TpmDevice:
             if state.get("port"):  # a restart must keep its ports: they are what abrmd dials
                 break
         raise TpmSetupError("swtpm exited at start; log:\n" + (self.directory / "swtpm.log").read_text()[-2000:])
+
+    def _start_abrmd(self, state: dict[str, Any], tools: dict[str, str], deadline: float) -> None:
+        """Start tpm2-abrmd on our bus, dialling swtpm; wait until it owns its name."""
+        env = {**os.environ, "DBUS_SESSION_BUS_ADDRESS": state["dbus_address"]}
+        tcti = f"--tcti=swtpm:host=127.0.0.1,port={state['port']}"
+        # each module instance takes 2 of abrmd's connections: 27 by default, 100 at most
+        argv = [tools["abrmd"], "--allow-root", "--session", "--max-connections=100", tcti]
+        state["procs"]["abrmd"] = self._spawn("abrmd", argv, env)
+        self._save(state)
+        _wait("tpm2-abrmd", lambda: self._abrmd_ready(state, tools), deadline, self.directory / "abrmd.log")
 
     def _no_lockout(self, state: dict[str, Any]) -> None:
         """This TPM is killed mid-command on purpose, again and again: it counts each
@@ -351,14 +355,25 @@ class TpmDevice:
             _wait("SIGSTOP of swtpm", lambda: self.status()["device"] != "running", time.monotonic() + 10)
 
     def start_device(self, timeout: float = 30.0) -> None:
-        """Bring swtpm back: SIGCONT it if stopped, else start it on the same ports and state."""
+        """Bring the device back: SIGCONT swtpm if stopped; else start it on the same ports and
+        state, with a fresh tpm2-abrmd (as after a reboot): the old resource manager's view of
+        the TPM's object contexts died with the TPM, and it runs out of them if kept."""
         if p := self._swtpm():
             p.resume()
             return
         state = self._state()
         if not state.get("port"):
             raise TpmSetupError("the TPM device was never brought up (no state file); call up() first")
-        self._start_swtpm(state, find_tpm_tools(), time.monotonic() + timeout)
+        tools = find_tpm_tools()
+        deadline = time.monotonic() + timeout
+        self._start_swtpm(state, tools, deadline)
+        old = state["procs"].get("abrmd")
+        if old and (p := _proc(old)):
+            p.terminate()
+            if not _gone([old], 5):
+                p.kill()
+                _gone([old], 5)
+        self._start_abrmd(state, tools, deadline)
 
     def status(self) -> dict[str, Any]:
         """Pids running per process, and the device state: running, stopped or dead."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from p11guard._guard import Guard
-from p11guard.base import UserError
+from p11guard.base import P11GuardError, UserError
 from p11guard.cli._verify import verify_signature
 from p11guard.testing._soak import maybe_sample, not_zombie, soak_verdict
 
@@ -52,13 +52,17 @@ class Fault:
     ms: float = 0.0
 
 
-def make_schedule(seed: int, duration_s: float, workers: int = 3) -> list[Fault]:
+#: Fault kinds a device backend (one device in-process: no proxy, no latency) can take.
+DEVICE_KINDS = tuple(k for k in KINDS if k != "latency_spike")
+
+
+def make_schedule(seed: int, duration_s: float, workers: int = 3, kinds: tuple[str, ...] = KINDS) -> list[Fault]:
     """The faults of a run: a pure function of its arguments."""
     rng = random.Random(seed)
     faults: list[Fault] = []
     t = 1.0
     while True:
-        kind = rng.choice(KINDS)
+        kind = rng.choice(kinds)
         seconds = {
             "loss_short": rng.uniform(0.3, 1.0),
             "loss_long": rng.uniform(2.0, 3.5),
@@ -135,9 +139,9 @@ def check(
 
 
 class _Workload:
-    def __init__(self, guard: Guard, seed: int, threads: int, gcm: bool) -> None:
+    def __init__(self, guard: Guard, seed: int, threads: int, round_trip: str) -> None:
         self.guard = guard
-        self.gcm = gcm
+        self.round_trip = round_trip  # "gcm", "hmac" or "none": what the token can do
         self.seed = seed
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -179,14 +183,14 @@ class _Workload:
             elif pick < 0.6 and last_sig is not None:
                 valid, rec = self._call("verify", g.submit_verify("chaos-ec", *last_sig))
                 rec.check = {"valid": valid}
-            elif pick < 0.85 and not self.gcm:
+            elif pick < 0.85 and self.round_trip == "hmac":
                 data = os.urandom(rng.randrange(1, 64))
                 mac, rec = self._call("hmac", g.submit_sign("chaos-hmac", data, "hmac-sha256"))
                 if mac is not None:
                     valid, rec2 = self._call("hmac", g.submit_verify("chaos-hmac", data, mac, "hmac-sha256"))
                     rec = rec2 if rec2.outcome == "error" else rec
                     rec.check = {"valid": valid}
-            elif pick < 0.85:
+            elif pick < 0.85 and self.round_trip == "gcm":
                 plain = os.urandom(rng.randrange(1, 64))
                 ct, rec = self._call("encrypt_decrypt", g.submit_encrypt("chaos-aes", plain))
                 if ct is not None:
@@ -244,40 +248,55 @@ def _apply(fault: Fault, bed: Any, guard: Guard) -> None:
         bed.fault("restore")
 
 
-def run(seed: int, duration_s: float, soak: bool, say: Any, workdir: Path) -> dict[str, Any]:
+def _round_trip(bed: Any, host: Any, say: Any) -> str:
+    """Which secret-key round trip this token can do: AES-GCM, else HMAC, else none."""
+    for label, ktype in (("chaos-aes", "aes-256"), ("chaos-hmac", "hmac-sha256")):
+        try:
+            bed.ensure_keys({label: ktype})
+        except P11GuardError as exc:
+            say(f"no {ktype} key on this token ({exc})")
+    try:
+        host.call("encrypt", {"key": "chaos-aes", "data": b"probe"})
+        return "gcm"
+    except UserError as exc:
+        # p11-kit 0.24's RPC (the testbed) does not carry CK_GCM_PARAMS: it answers
+        # CKR_MECHANISM_INVALID. Round-trip HMAC (sign + verify) takes the place of
+        # encrypt + decrypt then, and the report says so.
+        say(f"AES-GCM unavailable through this module ({exc.name})")
+    try:
+        host.call("sign", {"key": "chaos-hmac", "data": b"probe", "mechanism": "hmac-sha256"})
+        return "hmac"
+    except UserError as exc:
+        say(f"HMAC unavailable through this module ({exc.name}): no secret-key round trips")
+    return "none"
+
+
+def run(seed: int, duration_s: float, soak: bool, say: Any, workdir: Path, backend: str = "softhsm") -> dict[str, Any]:
     import psutil
 
     from p11guard.host import HostProcess
     from p11guard.testbed import Testbed
 
-    schedule = make_schedule(seed, duration_s)
+    schedule = make_schedule(seed, duration_s, kinds=KINDS if backend == "softhsm" else DEVICE_KINDS)
     say(f"seed {seed}: {len(schedule)} faults over {duration_s:g} s")
     for f in schedule:
         say(f"  t={f.at_s:6.2f}s  {f.kind:<24} {f.seconds:4.1f}s  worker {f.worker}")
     bed = Testbed(workdir / "testbed")
-    bed.up()
+    bed.up(backend=backend)
     rss: list[dict[str, Any]] = []
     try:
         config = bed.client_config(workers=3, call_s=1.5, probe_interval_s=0.5)
-        bed.ensure_keys({"chaos-ec": "ec-p256", "chaos-aes": "aes-256", "chaos-hmac": "hmac-sha256"})
+        bed.ensure_keys({"chaos-ec": "ec-p256"})
         host = HostProcess.spawn(config.module_path, env=config.module_env)
         host.open(bed.token_label, bed.pin, 30)
         pem = host.call("public_key", {"key": "chaos-ec"})
-        try:
-            host.call("encrypt", {"key": "chaos-aes", "data": b"probe"})
-            gcm = True
-        except UserError as exc:
-            # p11-kit 0.24's RPC (the testbed) does not carry CK_GCM_PARAMS: it answers
-            # CKR_MECHANISM_INVALID. Round-trip HMAC (sign + verify) takes the place of
-            # encrypt + decrypt then, and the report says so.
-            gcm = False
-            say(f"AES-GCM unavailable through this module ({exc.name}): HMAC round trips instead")
+        round_trip = _round_trip(bed, host, say)
         host.close()
         me = psutil.Process()
         fds_before = me.num_fds()
         guard = Guard(config)
         pids: set[int] = set(guard.host_pids().values())
-        work = _Workload(guard, seed, threads=4, gcm=gcm)
+        work = _Workload(guard, seed, threads=4, round_trip=round_trip)
         for t in work.threads:
             t.start()
         start = time.monotonic()
@@ -331,7 +350,11 @@ def run(seed: int, duration_s: float, soak: bool, say: Any, workdir: Path) -> di
         "generation": status["generation"],
         "violations": violations,
         "schedule": [asdict(f) for f in schedule],
-        "round_trip": "aes-gcm encrypt+decrypt" if gcm else "hmac-sha256 sign+verify (no GCM through this module)",
+        "backend": backend,
+        "round_trip": {
+            "gcm": "aes-gcm encrypt+decrypt",
+            "hmac": "hmac-sha256 sign+verify (no GCM through this module)",
+        }.get(round_trip, "none (no AES-GCM or HMAC on this token)"),
     }
 
 
@@ -343,16 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--soak", action="store_true")
+    parser.add_argument("--backend", default="softhsm", choices=("softhsm", "tpm"))
     opts = parser.parse_args(argv)
-    return run_cli(opts.duration, opts.seed, opts.json, opts.soak)
+    return run_cli(opts.duration, opts.seed, opts.json, opts.soak, opts.backend)
 
 
-def run_cli(duration: float, seed: int, as_json: bool, soak: bool) -> int:
+def run_cli(duration: float, seed: int, as_json: bool, soak: bool, backend: str = "softhsm") -> int:
     def say(text: str) -> None:
         print(text, file=sys.stderr if as_json else sys.stdout, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="p11guard-chaos-") as tmp:
-        result = run(seed, duration, soak, say, Path(tmp))
+        result = run(seed, duration, soak, say, Path(tmp), backend)
     if as_json:
         print(json.dumps(result))
     else:

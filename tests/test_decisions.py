@@ -28,6 +28,7 @@ from p11guard import (
     UserError,
 )
 from p11guard.actors import Job, JobDone, ProbeResult, Renew, Report, RunJob, StartProbe, WorkerReady
+from p11guard.base import poll_until
 from p11guard.supervisor import (
     AdmissionQueue,
     Close,
@@ -330,3 +331,26 @@ def test_fail_fast_answers_held_work_at_a_loss(tmp_path: Path) -> None:
     rig.probe(ok=False, error=internal("probe"), fresh=False)
     with pytest.raises(OutOfService):
         job.future.result(0)
+
+
+def test_give_up_after_s_ends_a_recovery_that_never_comes(tmp_path: Path) -> None:
+    rig = Rig(make_config(tmp_path, give_up_after_s=0.001))
+    rig.serve()
+    rig.probe(ok=False, error=internal("probe"), fresh=False)
+    assert rig.sup.state == State.RECOVERING
+    job = rig.job()
+    rig.sup._on_submit(job)
+    poll_until(lambda: time.monotonic() - rig.sup.outage.start_mono > 0.001, 1, "the limit")  # type: ignore[union-attr]
+    rig.probe(ok=False, error=internal("probe"))
+    assert rig.sup.state == State.FAILED and "give_up_after_s" in (rig.sup.failed_reason or "")
+    with pytest.raises(GuardFailed, match="give_up_after_s"):
+        job.future.result(0)
+
+
+def test_without_give_up_a_recovery_retries_for_ever(rig: Rig) -> None:
+    rig.serve()
+    rig.probe(ok=False, error=internal("probe"), fresh=False)
+    for _ in range(20):
+        rig.probe(ok=False, error=internal("probe"))
+    assert rig.sup.state == State.RECOVERING
+    assert sum(isinstance(m, MemberAttempt) for _, m in rig.effects.scheduled) == 20

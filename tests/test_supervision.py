@@ -373,3 +373,18 @@ def test_state_change_callback_errors_do_not_break_the_guard(net_config: Config,
         wait_until(lambda: g.state == "SERVING", 15, "SERVING")
         assert g.sign(EC_KEY, b"still fine")
     assert seen[:2] in (["SUSPECT", "LOST"], ["LOST", "RECOVERING"])
+
+
+def test_a_general_error_with_a_healthy_group_costs_one_probe_no_recovery(net_config: Config, group: Testbed) -> None:
+    """CKR_GENERAL_ERROR is a signal, not a verdict: the probe answers, the op is retried."""
+    with guard(net_config.replace(probe_interval_s=3600.0, workers=1)) as g:
+        before = g.status()["counters"]
+        g.inject_fault(0, "fail_next", ckr=0x5, count=1, ops=["sign"])
+        sig = g.sign(EC_KEY, b"general error")  # fails, the probe answers, retried on the renewed worker
+        after = g.status()
+        pub = load_pem_public_key(g.public_key(EC_KEY))
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(sig, b"general error", ec.ECDSA(hashes.SHA256()))
+    assert after["counters"]["probes"] == before["probes"] + 1
+    assert after["counters"]["recoveries"] == 0 and after["generation"] == 0
+    assert after["counters"]["ops_retried"] == before["ops_retried"] + 1

@@ -85,3 +85,19 @@ def test_flapping_device_converges_one_recovery_at_a_time(tpm: Testbed) -> None:
         status = g.status()
     assert load.errors == []
     assert status["generation"] == status["counters"]["recoveries"] >= 1
+
+
+def test_chaos_on_the_tpm_backend_holds_every_invariant() -> None:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "p11guard", "chaos", "--backend", "tpm", "--duration", "14", "--seed", "3", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ok"] is True and result["violations"] == [], done.stderr[-3000:]
+    assert result["backend"] == "tpm" and result["recoveries"] >= 1 and result["ops"] > 100
