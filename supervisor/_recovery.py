@@ -68,6 +68,14 @@ class RecoveryDecisions(SupervisorBase):
         if msg.generation != self.generation or slot is None or self.state in FINAL:
             return
         member = self.members[slot.member]
+        if self._pin_proven(member, slot, msg.error):
+            # The probe logged in with this very PIN in this member generation: the module
+            # maps a device failure to a PIN code (tpm2-pkcs11 answers CKR_PIN_INCORRECT when
+            # the TPM cannot unseal). One renewal; a second PIN error keeps the member out.
+            log.warning("worker %d: %s although the probe logged in with this PIN: renewed once", slot.wid, msg.error)
+            self._suspect(slot, msg.error)
+            self._schedule_renew(slot)
+            return
         if self._keeps_out(member, msg.error):
             self._keep_out(member, f"worker {msg.wid} could not log in: {msg.error}", msg.error)
             return
@@ -137,6 +145,9 @@ class RecoveryDecisions(SupervisorBase):
 
     # -- probes -------------------------------------------------------------------------
 
+    def _pin_proven(self, member: Member, slot: WorkerSlot, error: BaseException) -> bool:
+        return isinstance(error, AuthError) and member.pin_proven == member.generation and slot.fail_streak == 0
+
     def _keeps_out(self, member: Member, error: BaseException | None) -> bool:
         """A verdict that retrying cannot change.
 
@@ -197,6 +208,7 @@ class RecoveryDecisions(SupervisorBase):
         }
         self.last_probe = {**member.last_probe, "member": member.name}
         if res.ok and res.fresh:
+            member.pin_proven = member.generation  # the probe logged in with the PIN
             if member.state in (MemberState.STARTING, MemberState.LOST):
                 if member.state == MemberState.LOST:
                     member.state = MemberState.RECOVERING

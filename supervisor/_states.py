@@ -176,6 +176,8 @@ class Member:
         #: One of its workers has served: from now on a start failure is a loss, not a
         #: configuration error (a PIN error still never is).
         self.served = False
+        #: The member generation in which the probe last logged in with the PIN.
+        self.pin_proven = -1
 
     @property
     def in_service(self) -> bool:

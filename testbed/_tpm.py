@@ -107,9 +107,12 @@ def _wait(what: str, cond: Callable[[], bool], deadline: float, log: Path | None
 
 
 def _free_port_pair() -> int:
-    """A loopback port P such that P and P+1 are both free now."""
-    for _ in range(50):
+    """A loopback port P such that P and P+1 are both free now (TIME_WAIT leftovers count as
+    free: swtpm binds with SO_REUSEADDR too)."""
+    for _ in range(200):
         with socket.socket() as a, socket.socket() as b:
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             a.bind(("127.0.0.1", 0))
             port = int(a.getsockname()[1])
             with contextlib.suppress(OSError, OverflowError):
@@ -366,13 +369,13 @@ class TpmDevice:
             raise TpmSetupError("the TPM device was never brought up (no state file); call up() first")
         tools = find_tpm_tools()
         deadline = time.monotonic() + timeout
-        self._start_swtpm(state, tools, deadline)
-        old = state["procs"].get("abrmd")
+        old = state["procs"].get("abrmd")  # first: no client may reach the TPM through it again
         if old and (p := _proc(old)):
             p.terminate()
             if not _gone([old], 5):
                 p.kill()
                 _gone([old], 5)
+        self._start_swtpm(state, tools, deadline)
         self._start_abrmd(state, tools, deadline)
 
     def status(self) -> dict[str, Any]:

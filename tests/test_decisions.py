@@ -27,7 +27,7 @@ from p11guard import (
     OutOfService,
     UserError,
 )
-from p11guard.actors import Job, JobDone, ProbeResult, Renew, Report, RunJob, StartProbe, WorkerReady
+from p11guard.actors import Job, JobDone, ProbeResult, Renew, Report, RunJob, StartProbe, WorkerFailed, WorkerReady
 from p11guard.base import poll_until
 from p11guard.supervisor import (
     AdmissionQueue,
@@ -354,3 +354,15 @@ def test_without_give_up_a_recovery_retries_for_ever(rig: Rig) -> None:
         rig.probe(ok=False, error=internal("probe"))
     assert rig.sup.state == State.RECOVERING
     assert sum(isinstance(m, MemberAttempt) for _, m in rig.effects.scheduled) == 20
+
+
+def test_a_worker_pin_error_after_the_probe_proved_the_pin_is_renewed_once(rig: Rig) -> None:
+    """tpm2-pkcs11 answers CKR_PIN_INCORRECT when the TPM cannot unseal, right after a restart."""
+    pin_error = AuthError("login refused", kind="auth", ckr=0xA0, name="CKR_PIN_INCORRECT")
+    rig.probe()  # the probe logged in with the PIN
+    w = rig.effects.workers[0]
+    rig.send(WorkerFailed(w.wid, 0, pin_error))
+    assert rig.sup.members["default"].state != MemberState.OUT
+    assert [m for m in w.ref.told if isinstance(m, Renew)] != []  # renewed, once
+    rig.send(WorkerFailed(w.wid, 0, pin_error))  # again: now it is the PIN
+    assert rig.sup.members["default"].state == MemberState.OUT and rig.sup.state == State.FAILED
