@@ -18,6 +18,7 @@ from p11guard.actors._messages import (
     WorkerStopped,
     worker_key,
 )
+from p11guard.actors._pins import KeyPins
 from p11guard.actors._worker import CryptoWorker
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "Inject",
     "Job",
     "JobDone",
+    "KeyPins",
     "ProbeResult",
     "Renew",
     "Report",

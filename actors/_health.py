@@ -36,6 +36,8 @@ class HealthActor(pykka.ThreadingActor):
     host: a module instance that saw the loss stays broken until it is re-initialised.
     """
 
+    use_daemon_thread = True  # a process whose guard was never closed still exits
+
     def __init__(
         self,
         config: Config,
@@ -108,7 +110,7 @@ class HealthActor(pykka.ThreadingActor):
         self.host_generation = message.host_generation
         try:
             info = self._spawn(message.generation, message.pin)
-        except (RemoteError, HostError) as exc:
+        except Exception as exc:  # any failure to start a probe host is the probe failing
             self._drop_host()
             self._tell(
                 ProbeResult(
@@ -169,7 +171,7 @@ class HealthActor(pykka.ThreadingActor):
                     info = self.host.call("probe", {}, self.config.probe_s)
                 error = None
                 break
-            except (RemoteError, HostError) as exc:
+            except Exception as exc:
                 error = exc
                 # A hang, a loss code or a PIN error is decisive at once. Our own host
                 # crashing is not evidence, nor is one CKR_GENERAL_ERROR (SoftHSM2 answers

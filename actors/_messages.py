@@ -82,6 +82,8 @@ class WorkerReady:
     generation: int
     pid: int
     sessions_opened: int
+    #: The token the worker logged in to (label, serial, manufacturer, model).
+    token: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

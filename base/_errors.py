@@ -23,6 +23,9 @@ __all__ = [
     "HostStartError",
     "HostTimeout",
     "InternalError",
+    "KeyChanged",
+    "LabelAmbiguous",
+    "LabelTaken",
     "ModuleLoadError",
     "OpTimeout",
     "OutOfService",
@@ -32,6 +35,7 @@ __all__ = [
     "RequestError",
     "SessionError",
     "StaleGeneration",
+    "TokenMismatch",
     "UserError",
     "remote_error",
 ]
@@ -130,6 +134,34 @@ class UserError(RemoteError):
     """The request was wrong: bad arguments, wrong mechanism, key not found, bad data."""
 
 
+class KeyChanged(UserError):
+    """The key under a label is not the one this guard used: its fingerprint changed.
+
+    Attributes:
+        label: the key's label.
+        expected: the fingerprint pinned at first use (``sha256:...``).
+        found: the fingerprint found now.
+    """
+
+    def __init__(self, label: str, expected: str, found: str) -> None:
+        super().__init__(
+            f"key {label!r} is not the key this guard used: fingerprint {expected} was pinned at first use, "
+            f"{found} is there now (changed outside this guard?). If the change is deliberate, "
+            f"call Guard.refresh_keys([{label!r}])",
+            kind="user",
+            name="key_changed",
+        )
+        self.label, self.expected, self.found = label, expected, found
+
+
+class LabelTaken(UserError):
+    """Another process made a key of this label at the same moment; ours was destroyed."""
+
+
+class LabelAmbiguous(UserError):
+    """A label names more than one key of a class: refused for every operation."""
+
+
 class RequestError(UserError):
     """The host could not understand the request (unknown op, wrong types, missing fields)."""
 
@@ -158,10 +190,13 @@ _KIND_CLASSES: dict[str, type[RemoteError]] = {
 }
 
 
+_NAME_CLASSES: dict[str, type[RemoteError]] = {"label_taken": LabelTaken, "label_ambiguous": LabelAmbiguous}
+
+
 def remote_error(err: dict[str, Any], *, op: str | None, pid: int | None, generation: int | None) -> RemoteError:
     """Build the exception for an error reply ``{kind, ckr, name, message}``."""
     kind = str(err.get("kind", "internal"))
-    cls = _KIND_CLASSES.get(kind, InternalError)
+    cls = _NAME_CLASSES.get(str(err.get("name")), _KIND_CLASSES.get(kind, InternalError))
     ckr = err.get("ckr")
     return cls(
         str(err.get("message", "")),
@@ -289,6 +324,24 @@ class GuardFailed(P11GuardError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.reason,))
+
+
+class TokenMismatch(P11GuardError):
+    """A token answered that is not the group's token: another serial (or maker, model).
+
+    Kept out, never served, never logged in to again. Attributes: ``member``, ``expected``,
+    ``found`` (dicts of label, serial, manufacturer, model; ``expected`` may list the
+    serials of ``[group] serials``).
+    """
+
+    def __init__(self, member: str, expected: Any, found: dict[str, Any], reason: str | None = None) -> None:
+        self.member, self.expected, self.found, self.reason = member, expected, found, reason
+        super().__init__(
+            f"member {member}: {reason or f'a different token answers: expected {expected}, found {found}'}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.member, self.expected, self.found, self.reason))
 
 
 class GuardClosed(P11GuardError):

@@ -13,13 +13,13 @@ from p11guard.host._keys import KeyInfo, Keys
 from p11guard.host._session import Session
 from p11guard.protocol import MECHANISMS
 
-__all__ = ["Crypto"]
+__all__ = ["Crypto", "sha2"]
 
 _MAX_RANDOM = 1024 * 1024
 _DIGESTS = {"sha256": PyKCS11.CKM_SHA256, "sha384": PyKCS11.CKM_SHA384, "sha512": PyKCS11.CKM_SHA512}
 
 
-def _hash(name: str, data: bytes) -> bytes:
+def sha2(name: str, data: bytes) -> bytes:
     """SHA-2 of ``data``, when the token lacks the combined mechanism (SoftHSM2: raw ECDSA only).
 
     CPython's own SHA-2 modules, not :mod:`hashlib`: hashlib loads OpenSSL's libcrypto,
@@ -59,7 +59,7 @@ class Crypto:
             combined = PyKCS11.CKM_ECDSA_SHA256 if name == "ecdsa-sha256" else PyKCS11.CKM_ECDSA_SHA384
             if combined in self.session.mechanisms:
                 return PyKCS11.Mechanism(combined), data, True
-            return PyKCS11.Mechanism(PyKCS11.CKM_ECDSA), _hash(name[6:], data), True
+            return PyKCS11.Mechanism(PyKCS11.CKM_ECDSA), sha2(name[6:], data), True
         if name == "rsa-pkcs1-sha256":
             return PyKCS11.Mechanism(PyKCS11.CKM_SHA256_RSA_PKCS), data, False
         if name == "rsa-pss-sha256":

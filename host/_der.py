@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 
-__all__ = ["DerError", "ec_point", "ecdsa_der_to_raw", "ecdsa_raw_to_der", "spki_pem"]
+__all__ = ["DerError", "ec_point", "ecdsa_der_to_raw", "ecdsa_raw_to_der", "spki_der", "spki_pem"]
 
 _EC_PUBLIC_KEY = bytes.fromhex("06072a8648ce3d0201")  # OID 1.2.840.10045.2.1
 _RSA_ENCRYPTION = bytes.fromhex("06092a864886f70d010101") + b"\x05\x00"  # OID + NULL
@@ -76,7 +76,7 @@ def _spki(algorithm: bytes, key: bytes) -> bytes:
     return _tlv(0x30, _tlv(0x30, algorithm) + _tlv(0x03, b"\x00" + key))
 
 
-def spki_pem(
+def spki_der(
     *,
     ec_params: bytes | None = None,
     point: bytes | None = None,
@@ -84,15 +84,18 @@ def spki_pem(
     modulus: bytes | None = None,
     exponent: bytes | None = None,
 ) -> bytes:
-    """A public key as PEM ``SubjectPublicKeyInfo``: EC (curve OID + point), Ed25519, or RSA."""
+    """A public key as DER ``SubjectPublicKeyInfo``: EC (curve OID + point), Ed25519, or RSA."""
     if ed25519 is not None:
-        der = _spki(_ED25519, ed25519)
-    elif ec_params is not None and point is not None:
-        der = _spki(_EC_PUBLIC_KEY + ec_params, point)
-    elif modulus is not None and exponent is not None:
-        der = _spki(_RSA_ENCRYPTION, _tlv(0x30, _int(modulus) + _int(exponent)))
-    else:
-        raise DerError("spki_pem needs an EC point and curve, an Ed25519 key, or an RSA modulus and exponent")
+        return _spki(_ED25519, ed25519)
+    if ec_params is not None and point is not None:
+        return _spki(_EC_PUBLIC_KEY + ec_params, point)
+    if modulus is not None and exponent is not None:
+        return _spki(_RSA_ENCRYPTION, _tlv(0x30, _int(modulus) + _int(exponent)))
+    raise DerError("a public key needs an EC point and curve, an Ed25519 key, or an RSA modulus and exponent")
+
+
+def spki_pem(der: bytes) -> bytes:
+    """PEM of a DER ``SubjectPublicKeyInfo``."""
     body = base64.encodebytes(der).replace(b"\n", b"")
     lines = [body[i : i + 64] for i in range(0, len(body), 64)]
     return b"-----BEGIN PUBLIC KEY-----\n" + b"\n".join(lines) + b"\n-----END PUBLIC KEY-----\n"

@@ -59,6 +59,7 @@ class Host:
             "generate_secret": self.keys.op_generate_secret,
             "destroy": self.keys.op_destroy,
             "list_keys": self.keys.op_list_keys,
+            "key_fingerprint": self.keys.op_key_fingerprint,
             "fault": self.faults.op_fault,
         }
 

@@ -165,9 +165,9 @@ class HostProcess:
                 stderr=subprocess.STDOUT,
                 close_fds=True,
             )
-        except OSError as exc:
+        except (OSError, ValueError, TypeError) as exc:  # ValueError: an env name or arg the OS refuses
             parent_sock.close()
-            raise HostStartError(f"cannot start host process: {exc}") from exc
+            raise HostStartError(f"cannot start host process: {type(exc).__name__}: {exc}") from exc
         finally:
             child_sock.close()
         self.pid = self._popen.pid

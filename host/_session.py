@@ -9,6 +9,7 @@ from typing import Any
 import PyKCS11
 
 from p11guard.host._args import Refusal, arg
+from p11guard.host._ckr import ckr_kind
 from p11guard.host._fastcall import FastSigner, handle_value
 
 __all__ = ["Session", "jitter"]
@@ -23,6 +24,17 @@ _START_ATTEMPTS = 5
 def jitter(low: float, high: float) -> float:
     """A random delay in ``[low, high]`` (``os.urandom``: :mod:`random` costs a host ~1 MiB)."""
     return low + (high - low) * int.from_bytes(os.urandom(2), "big") / 0xFFFF
+
+
+def _device_answers(session: Any, pin_error: PyKCS11.PyKCS11Error) -> None:
+    """A PIN error is only believed if the device answers: some modules report a device
+    that failed during login as a PIN error (tpm2-pkcs11: CKR_PIN_INCORRECT when the TPM
+    cannot unseal). One call that needs no login tells; the login is never tried again."""
+    try:
+        session.generateRandom(8)
+    except PyKCS11.PyKCS11Error as device_error:
+        raise device_error from None
+    raise pin_error
 
 
 class Session:
@@ -98,8 +110,14 @@ class Session:
                 try:
                     session.login(pin)
                 except PyKCS11.PyKCS11Error as exc:
-                    if exc.value != PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
+                    if exc.value == PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
+                        pass
+                    elif ckr_kind(exc.value) == "auth":
+                        _device_answers(session, exc)
+                    else:
                         raise
+                self.slot = slot  # token() reads it
+                mechanisms, token = self.lib.getMechanismList(slot), self.token()
                 break
             except PyKCS11.PyKCS11Error as exc:
                 if session is not None:
@@ -117,10 +135,18 @@ class Session:
         if self.fast is not None and not self.fast.shares_state(self.session_value):
             self.fast = None
         self.sessions_opened += 1
-        self.mechanisms = {
-            m for m in (PyKCS11.CKM.get(n) for n in self.lib.getMechanismList(slot)) if isinstance(m, int)
+        self.mechanisms = {m for m in (PyKCS11.CKM.get(n) for n in mechanisms) if isinstance(m, int)}
+        return {"pid": os.getpid(), "sessions_opened": self.sessions_opened, "token": token}
+
+    def token(self) -> dict[str, str]:
+        """The token's identity: label, serial, manufacturer, model (as ``C_GetTokenInfo`` says)."""
+        info = self.lib.getTokenInfo(self.slot)
+        return {
+            "label": info.label.rstrip(" \x00"),
+            "serial": info.serialNumber.strip(" \x00"),
+            "manufacturer": info.manufacturerID.strip(" \x00"),
+            "model": info.model.strip(" \x00"),
         }
-        return {"pid": os.getpid(), "sessions_opened": self.sessions_opened}
 
     def drop(self) -> None:
         if self.session is not None:
@@ -150,11 +176,12 @@ class Session:
 
     def op_probe(self, args: dict[str, Any]) -> dict[str, Any]:
         start = time.monotonic()
-        info = self.lib.getTokenInfo(self.slot)
+        token = self.token()
         self.require().generateRandom(16)
         return {
-            "token_label": info.label.rstrip(" \x00"),
-            "serial": info.serialNumber.strip(),
+            "token": token,
+            "token_label": token["label"],
+            "serial": token["serial"],
             "latency_s": time.monotonic() - start,
             "login_attempts": self.login_attempts,
             "sessions_opened": self.sessions_opened,

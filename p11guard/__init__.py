@@ -31,6 +31,9 @@ if TYPE_CHECKING:
         HostStartError,
         HostTimeout,
         InternalError,
+        KeyChanged,
+        LabelAmbiguous,
+        LabelTaken,
         Member,
         ModuleLoadError,
         OpTimeout,
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
         Secret,
         SessionError,
         StaleGeneration,
+        TokenMismatch,
         UserError,
     )
 
@@ -59,6 +63,9 @@ __all__ = [
     "HostStartError",
     "HostTimeout",
     "InternalError",
+    "KeyChanged",
+    "LabelAmbiguous",
+    "LabelTaken",
     "Member",
     "ModuleLoadError",
     "OpTimeout",
@@ -70,6 +77,7 @@ __all__ = [
     "Secret",
     "SessionError",
     "StaleGeneration",
+    "TokenMismatch",
     "UserError",
 ]
 __version__ = "0.1.0"

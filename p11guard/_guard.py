@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar, cast
 
-from p11guard.actors import FastLane, HostRegistry, Job
+from p11guard.actors import FastLane, HostRegistry, Job, KeyPins
 from p11guard.base import Config, GuardClosed, GuardFailed
 from p11guard.protocol import IDEMPOTENT_OPS
 from p11guard.supervisor import (
@@ -82,7 +82,9 @@ class Guard:
         self._close_lock = threading.Lock()
         started: Future[None] = Future()
         self._lane = FastLane()
-        self._supervisor = Supervisor.start(self.config, started, self._shared, Effects(self._registry, self._lane))
+        self._pins = KeyPins()
+        effects = Effects(self._registry, self._lane, self._pins)
+        self._supervisor = Supervisor.start(self.config, started, self._shared, effects)
         self._ticker = _Ticker(self._supervisor.tell)
         self._ticker.start()
         try:
@@ -128,6 +130,12 @@ class Guard:
         if self._closed.is_set() and not self._supervisor.is_alive():
             return {"state": str(State.CLOSED), "generation": self._shared.generation}
         return cast(dict[str, Any], self._supervisor.ask(StatusRequest(), timeout=10))
+
+    def refresh_keys(self, labels: Iterable[str] | None = None) -> None:
+        """Accept keys changed outside this guard (rotated with another tool): forget the
+        fingerprints pinned for ``labels`` (all with None); each is pinned again at its next
+        use. Keys made or destroyed through this guard need no refresh."""
+        self._pins.forget(labels)
 
     def on_state_change(self, callback: Callable[[str, str, dict[str, Any]], None]) -> None:
         """Call ``callback(old, new, info)`` on every state change (in the supervisor's thread;

@@ -10,6 +10,7 @@ from p11guard.protocol._frames import MAX_FRAME, Channel, FrameError, decode, en
 from p11guard.protocol._kinds import ANSWER_KINDS, ERROR_KINDS, LOSS_KINDS, SIGNAL_KINDS
 from p11guard.protocol._ops import (
     IDEMPOTENT_OPS,
+    KEY_OPS,
     KEY_TYPES,
     MECHANISMS,
     OPS,
@@ -22,6 +23,7 @@ __all__ = [
     "ANSWER_KINDS",
     "ERROR_KINDS",
     "IDEMPOTENT_OPS",
+    "KEY_OPS",
     "KEY_TYPES",
     "LOSS_KINDS",
     "MAX_FRAME",

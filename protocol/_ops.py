@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "IDEMPOTENT_OPS",
+    "KEY_OPS",
     "KEY_TYPES",
     "MECHANISMS",
     "OPS",
@@ -13,9 +14,13 @@ __all__ = [
 ]
 
 #: Operations that can be repeated without changing the token: retried after a loss.
-IDEMPOTENT_OPS = frozenset({"sign", "verify", "encrypt", "decrypt", "digest", "random", "public_key", "list_keys"})
+IDEMPOTENT_OPS = frozenset(
+    {"sign", "verify", "encrypt", "decrypt", "digest", "random", "public_key", "list_keys", "key_fingerprint"}
+)
 #: Operations that change the token: never retried blindly (``OutcomeUnknown``).
 TOKEN_CHANGING_OPS = frozenset({"generate_key_pair", "generate_secret", "destroy"})
+#: Operations that use a key named by ``args["key"]`` (checked against the guard's pins).
+KEY_OPS = frozenset({"sign", "verify", "encrypt", "decrypt", "public_key"})
 #: Control operations, handled by the host itself.
 CONTROL_OPS = frozenset({"open", "probe", "close", "batch", "fault", "ping"})
 OPS = IDEMPOTENT_OPS | TOKEN_CHANGING_OPS | CONTROL_OPS

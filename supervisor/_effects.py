@@ -14,7 +14,7 @@ from typing import Any
 
 import pykka
 
-from p11guard.actors import CryptoWorker, FastLane, HealthActor, HostRegistry, worker_key
+from p11guard.actors import CryptoWorker, FastLane, HealthActor, HostRegistry, KeyPins, worker_key
 from p11guard.base import Config, Secret
 from p11guard.host import HostProcess
 
@@ -24,9 +24,10 @@ __all__ = ["Effects"]
 class Effects:
     """The real effects: pykka actors, host processes, :class:`threading.Timer`."""
 
-    def __init__(self, registry: HostRegistry, lane: FastLane) -> None:
+    def __init__(self, registry: HostRegistry, lane: FastLane, pins: KeyPins | None = None) -> None:
         self.registry = registry
         self.lane = lane
+        self.pins = pins if pins is not None else KeyPins()
         self._timers: list[threading.Timer] = []
 
     def start_health(
@@ -45,7 +46,7 @@ class Effects:
         given: HostProcess | None = None,
     ) -> pykka.ActorRef[Any]:
         """A CryptoWorker; ``given`` is a logged-in host it takes instead of starting one."""
-        return CryptoWorker.start(wid, generation, config, pin, supervisor, self.registry, self.lane, given)
+        return CryptoWorker.start(wid, generation, config, pin, supervisor, self.registry, self.lane, given, self.pins)
 
     def worker_host(self, wid: int) -> HostProcess | None:
         return self.registry.get(worker_key(wid))

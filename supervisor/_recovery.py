@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from typing import Any
 
 from p11guard.actors import ProbeResult, Renew, Report, StartProbe, WorkerFailed, WorkerReady
-from p11guard.base import AuthError, GuardClosed, ModuleLoadError, OutOfService, RemoteError
+from p11guard.base import AuthError, GuardClosed, ModuleLoadError, OutOfService, RemoteError, TokenMismatch
 from p11guard.host import HostProcess
 from p11guard.supervisor._base import SupervisorBase, is_loss, short
 from p11guard.supervisor._messages import MemberAttempt, RenewAttempt
@@ -46,9 +47,11 @@ class RecoveryDecisions(SupervisorBase):
         slot = self.slots.get(msg.wid)
         if msg.generation != self.generation or slot is None or self.state in FINAL:
             return
+        member = self.members[slot.member]
+        if msg.token and not self._same_token(member, msg.token):
+            return
         slot.status, slot.pid, slot.sessions_opened = SlotState.IDLE, msg.pid, msg.sessions_opened
         self.idle.append(msg.wid)
-        member = self.members[slot.member]
         member.served = True
         if member.state in (MemberState.STARTING, MemberState.RECOVERING):
             member.state, member.reason, member.attempt = MemberState.SERVING, None, 0
@@ -145,6 +148,31 @@ class RecoveryDecisions(SupervisorBase):
 
     # -- probes -------------------------------------------------------------------------
 
+    def _same_token(self, member: Member, token: Any) -> bool:
+        """Is this the member's token? Recorded at first contact (and checked against
+        ``[group] serials`` if pinned); a different one is kept out, never served."""
+        if not isinstance(token, dict) or "serial" not in token:
+            return True  # a module that says nothing about its token cannot be checked
+        found = {k: token.get(k) for k in ("label", "serial", "manufacturer", "model")}
+        pinned = self.config.serials
+        if member.identity is None:
+            if pinned and found["serial"] not in pinned:
+                reason = f"token serial {found['serial']!r} is not one of group.serials {list(pinned)}"
+                self._keep_out(member, reason, TokenMismatch(member.name, {"serial": list(pinned)}, found, reason))
+                return False
+            member.identity = found
+            return True
+        if found != member.identity:
+            expected = member.identity
+            reason = (
+                f"a different token answers: expected serial {expected['serial']!r} ({expected['manufacturer']} "
+                f"{expected['model']}), found serial {found['serial']!r} ({found['manufacturer']} {found['model']}); "
+                "kept out, never served"
+            )
+            self._keep_out(member, reason, TokenMismatch(member.name, expected, found, reason))
+            return False
+        return True
+
     def _pin_proven(self, member: Member, slot: WorkerSlot, error: BaseException) -> bool:
         return isinstance(error, AuthError) and member.pin_proven == member.generation and slot.fail_streak == 0
 
@@ -209,6 +237,10 @@ class RecoveryDecisions(SupervisorBase):
         self.last_probe = {**member.last_probe, "member": member.name}
         if res.ok and res.fresh:
             member.pin_proven = member.generation  # the probe logged in with the PIN
+            if not self._same_token(member, res.info.get("token")):
+                if res.host is not None:
+                    res.host.kill()
+                return
             if member.state in (MemberState.STARTING, MemberState.LOST):
                 if member.state == MemberState.LOST:
                     member.state = MemberState.RECOVERING

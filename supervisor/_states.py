@@ -178,6 +178,9 @@ class Member:
         self.served = False
         #: The member generation in which the probe last logged in with the PIN.
         self.pin_proven = -1
+        #: The token met at first contact (label, serial, manufacturer, model); every later
+        #: probe and worker login must meet the same one.
+        self.identity: dict[str, Any] | None = None
 
     @property
     def in_service(self) -> bool:

@@ -37,6 +37,7 @@ def snapshot(
     queued: int,
     in_flight: int,
     failed_reason: str | None,
+    keys: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The whole picture as plain data (JSON-serialisable)."""
     slots = sorted(slots, key=lambda s: s.wid)
@@ -72,6 +73,7 @@ def snapshot(
                 "losses": m.losses,
                 "recoveries": m.recoveries,
                 "last_probe": m.last_probe,
+                "token": m.identity,
                 "outages": outages_view(_with_current(m.outages, m.outage)),
             }
             for m in members
@@ -94,4 +96,5 @@ def snapshot(
         "queued": queued,
         "in_flight": in_flight,
         "failed_reason": failed_reason,
+        "keys": keys or {},
     }

@@ -45,7 +45,7 @@ from p11guard.actors import (
     WorkerReady,
     WorkerStopped,
 )
-from p11guard.base import GuardClosed, HostCrashed, HostError
+from p11guard.base import GuardClosed, GuardFailed, HostCrashed, HostError
 from p11guard.supervisor._admission import refusal
 from p11guard.supervisor._base import is_signal
 from p11guard.supervisor._messages import (
@@ -78,9 +78,30 @@ log = logging.getLogger("p11guard")
 class Supervisor(RecoveryDecisions):
     """Owns the members, their workers and health actors, the queue and every state change."""
 
+    use_daemon_thread = True  # a process whose guard failed (or was never closed) still exits
+
     # -- life cycle ---------------------------------------------------------------------
 
     def on_start(self) -> None:
+        try:
+            self._start()
+        except Exception as exc:  # any error while starting ends the start at once, with it
+            log.exception("the guard could not start")
+            self._fail(f"the guard could not start: {type(exc).__name__}: {exc}", exc)
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        # A bug in a decision: nothing may wait for a supervisor that is gone.
+        reason = f"the supervisor stopped on an error: {exception_type.__name__}: {exception_value}"
+        self.shared.state, self.shared.failed_reason = State.FAILED, reason
+        self.effects.kill_all_hosts()
+        if not self.started.done():
+            self.started.set_exception(
+                exception_value if isinstance(exception_value, Exception) else GuardFailed(reason)
+            )
+        for job in [*self.queue.drain(), *(e.job for e in self.inflight.values())]:
+            self._settle(job, error=GuardFailed(reason))
+
+    def _start(self) -> None:
         self.lane.connect(self._on_submit, self._on_job_done)
         self._last_tick_probe = time.monotonic()
         single = len(self.members) == 1 and not self.config.members
@@ -160,6 +181,9 @@ class Supervisor(RecoveryDecisions):
         if self.state not in DISPATCHING:
             return
         now = time.monotonic()
+        # Token-changing jobs are serialised per label: the second waits for the first.
+        changing = {e.job.label for e in self.inflight.values() if not e.job.idempotent and e.job.label}
+        waiting: list[Job] = []
         while self.queue and self.idle:
             wid = self.idle.popleft()
             slot = self.slots.get(wid)
@@ -170,10 +194,18 @@ class Supervisor(RecoveryDecisions):
                 self._expire(job)
                 self.idle.appendleft(wid)
                 continue
+            if not job.idempotent and job.label in changing:
+                waiting.append(job)
+                self.idle.appendleft(wid)
+                continue
+            if not job.idempotent and job.label:
+                changing.add(job.label)
             slot.status, slot.job = SlotState.BUSY, job
             job.attempts += 1
             self.inflight[job.seq] = InFlight(self.generation, wid, job)
             slot.ref.tell(RunJob(job))
+        for job in reversed(waiting):
+            self.queue.retry(job)
 
     def _on_job_done(self, msg: JobDone) -> None:
         entry = self.inflight.pop(msg.job.seq, None)
@@ -321,4 +353,5 @@ class Supervisor(RecoveryDecisions):
             queued=len(self.queue),
             in_flight=len(self.inflight),
             failed_reason=self.failed_reason,
+            keys=self.effects.pins.snapshot(),
         )

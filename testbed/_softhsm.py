@@ -60,9 +60,9 @@ s.login(d["so"], PyKCS11.CKU_SO); s.initPin(d["user"]); s.logout(); s.closeSessi
 """
 
 
-def init_softhsm_token(directory: Path, tools: dict[str, str], token_label: str) -> None:
+def init_softhsm_token(directory: Path, tools: dict[str, str], token_label: str, user_pin: str | None = None) -> None:
     """Make the SoftHSM2 token in ``directory/tokens`` once (``token.ready`` marks it done),
-    with random SO and user PINs in ``so.pin`` and ``user.pin``."""
+    with random SO and user PINs (or this ``user_pin``) in ``so.pin`` and ``user.pin``."""
     softhsm_conf = directory / "softhsm2.conf"
     pin_path = directory / "user.pin"
     tokens = directory / "tokens"
@@ -74,7 +74,7 @@ def init_softhsm_token(directory: Path, tools: dict[str, str], token_label: str)
     softhsm_conf.write_text(
         f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n"
     )
-    user, so = secrets.token_hex(8), secrets.token_hex(8)
+    user, so = user_pin or secrets.token_hex(8), secrets.token_hex(8)
     write_private(pin_path, user)
     write_private(directory / "so.pin", so)
     # PINs go through stdin: never on a command line.

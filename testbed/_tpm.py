@@ -371,10 +371,8 @@ class TpmDevice:
         deadline = time.monotonic() + timeout
         old = state["procs"].get("abrmd")  # first: no client may reach the TPM through it again
         if old and (p := _proc(old)):
-            p.terminate()
-            if not _gone([old], 5):
-                p.kill()
-                _gone([old], 5)
+            p.kill()  # at once: it would wait for its (dead) clients on SIGTERM
+            _gone([old], 5)
         self._start_swtpm(state, tools, deadline)
         self._start_abrmd(state, tools, deadline)
 

@@ -204,6 +204,8 @@ class _Workload:
                 label = f"chaos-gen-{self.seed}-{tid}-{n}"
                 _, rec = self._call("generate_key_pair", g.submit_generate_key_pair(label, "ec-p256"))
             self._record(rec)
+            if (rec.error or "").startswith(("GuardFailed", "GuardClosed")):
+                return  # every further call would fail at once: stop, the checker reports it
 
 
 def _apply(fault: Fault, bed: Any, guard: Guard) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from p11guard import Config, Secret
-from p11guard.actors import FastLane, Job, ProbeResult, WorkerReady
+from p11guard.actors import FastLane, Job, KeyPins, ProbeResult, WorkerReady
 from p11guard.supervisor import SharedState, Supervisor
 
 
@@ -60,6 +60,7 @@ class Worker:
 @dataclass
 class RecordingEffects:
     lane: FastLane = field(default_factory=FastLane)
+    pins: KeyPins = field(default_factory=KeyPins)
     health: dict[str, RecordingRef] = field(default_factory=dict)
     workers: list[Worker] = field(default_factory=list)
     scheduled: list[tuple[float, Any]] = field(default_factory=list)

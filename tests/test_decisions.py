@@ -366,3 +366,15 @@ def test_a_worker_pin_error_after_the_probe_proved_the_pin_is_renewed_once(rig: 
     assert [m for m in w.ref.told if isinstance(m, Renew)] != []  # renewed, once
     rig.send(WorkerFailed(w.wid, 0, pin_error))  # again: now it is the PIN
     assert rig.sup.members["default"].state == MemberState.OUT and rig.sup.state == State.FAILED
+
+
+def test_token_changing_jobs_are_serialised_per_label(rig: Rig) -> None:
+    rig.serve()
+    first, second, other = rig.job("generate_key_pair", False), rig.job("generate_key_pair", False), rig.job()
+    for job in (first, second, other):
+        rig.sup._on_submit(job)
+    running = [m.job for w in rig.effects.workers for m in w.ref.of(RunJob)]
+    assert first in running and other in running and second not in running  # same label "k": waits
+    w = next(w for w in rig.effects.workers if any(m.job is first for m in w.ref.of(RunJob)))
+    rig.send(JobDone(w.wid, 0, first, result={"label": "k"}))
+    assert any(m.job is second for x in rig.effects.workers for m in x.ref.of(RunJob))

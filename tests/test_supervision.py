@@ -113,6 +113,7 @@ def test_false_alarm_renews_only_that_worker(net_config: Config, group: Testbed,
 def test_sigkill_one_worker_host(net_config: Config, group: Testbed) -> None:
     with guard(net_config.replace(workers=3)) as g:
         before = {w["id"]: w["pid"] for w in g.status()["workers"]}
+        restarts = _find(g.status(), 1)["restarts"]  # a spurious start-up error may have cost one
         with Load(g, threads=6) as load:
             os.kill(before[1], signal.SIGKILL)
             wait_until(
@@ -128,7 +129,7 @@ def test_sigkill_one_worker_host(net_config: Config, group: Testbed) -> None:
     assert load.errors == []
     assert status["generation"] == 0
     assert _find(status, 0)["pid"] == before[0] and _find(status, 2)["pid"] == before[2]
-    assert _find(status, 1)["restarts"] == 1
+    assert _find(status, 1)["restarts"] == restarts + 1
 
 
 def _find(status: dict, wid: int) -> dict:
