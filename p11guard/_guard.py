@@ -12,9 +12,10 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, cast
 
+from p11guard._fork import fork_epoch
 from p11guard._operations import Operations
 from p11guard.actors import FastLane, HostRegistry, Job
-from p11guard.base import Config, GuardClosed, GuardFailed
+from p11guard.base import Config, GuardClosed, GuardFailed, GuardForked
 from p11guard.protocol import IDEMPOTENT_OPS
 from p11guard.supervisor import (
     AddCallback,
@@ -66,11 +67,15 @@ class Guard(Operations):
     ``sign(...)`` blocks, ``submit_sign(...)`` returns a :class:`concurrent.futures.Future`,
     ``await asign(...)`` is for asyncio code.
 
+    A guard belongs to the process that created it: in a child of ``os.fork()`` every
+    method raises :class:`GuardForked` at once (create the guard after the fork).
+
     Args:
         config: a :class:`Config`, or the path of a TOML config file.
     """
 
     def __init__(self, config: Config | str | os.PathLike[str]) -> None:
+        self._pid, self._fork_epoch = os.getpid(), fork_epoch()
         self.config = config if isinstance(config, Config) else Config.from_file(config)
         self.config.load_pin()  # fail here, with the field named, not in an actor
         self._registry = HostRegistry()
@@ -122,8 +127,13 @@ class Guard(Operations):
         """How many full recoveries have completed."""
         return self._shared.recoveries
 
+    def _check_fork(self) -> None:
+        if self._fork_epoch != fork_epoch():
+            raise GuardForked(self._pid)
+
     def status(self) -> dict[str, Any]:
         """State, generation, workers, last probe, outages and counters (like LunaHAStatus)."""
+        self._check_fork()
         if self._closed.is_set() and not self._supervisor.is_alive():
             return {"state": str(State.CLOSED), "generation": self._shared.generation}
         return cast(dict[str, Any], self._supervisor.ask(StatusRequest(), timeout=10))
@@ -131,6 +141,7 @@ class Guard(Operations):
     def on_state_change(self, callback: Callable[[str, str, dict[str, Any]], None]) -> None:
         """Call ``callback(old, new, info)`` on every state change (in the supervisor's thread;
         keep it short and never call back into the guard from it)."""
+        self._check_fork()
         self._supervisor.tell(AddCallback(callback))
 
     # -- submission ---------------------------------------------------------------------
@@ -142,6 +153,8 @@ class Guard(Operations):
         label: str | None = None,
         items: list[tuple[str, dict[str, Any]]] | None = None,
     ) -> Future[Any]:
+        if self._fork_epoch != fork_epoch():
+            raise GuardForked(self._pid)
         if self._closed.is_set():
             raise GuardClosed("the guard is closed")
         future: Future[Any] = Future()
@@ -176,12 +189,14 @@ class Guard(Operations):
         """Inject a fault into a worker's host: ``fail_next`` (ckr, count, ops), ``hang``
         (seconds), ``crash`` (how = exit | sigkill | segv). Refused by the host unless
         ``testing.fault_injection`` is true."""
+        self._check_fork()
         future: Future[Any] = Future()
         self._supervisor.tell(InjectFault(worker, {"action": action, **args}, future))
         return future.result(timeout=self.config.call_s + 5)
 
     def host_pids(self) -> dict[str, int]:
         """Pids of the live host processes, by name (``worker-0``..., ``probe``)."""
+        self._check_fork()
         return {h.name: h.pid for h in self._registry.hosts() if h.alive and h.pid is not None}
 
     # -- closing ------------------------------------------------------------------------
@@ -189,7 +204,12 @@ class Guard(Operations):
     def close(self, timeout_s: float | None = None) -> None:
         """Stop taking work; finish what is queued if the group serves, fail it otherwise
         (every Future completes); close sessions politely if the group answers, kill what
-        does not. No process is left behind. Idempotent."""
+        does not. No process is left behind. Idempotent.
+
+        In a forked child it only marks this copy closed: the hosts are the parent's."""
+        if self._fork_epoch != fork_epoch():
+            self._closed.set()
+            return
         with self._close_lock:
             if self._closed.is_set() and not self._supervisor.is_alive():
                 return
