@@ -13,16 +13,19 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, cast
 
 from p11guard._fork import fork_epoch
+from p11guard._health import health_view
 from p11guard._operations import Operations
 from p11guard.actors import FastLane, HostRegistry, Job
-from p11guard.base import Config, GuardClosed, GuardFailed, GuardForked
+from p11guard.base import Config, GuardClosed, GuardFailed, GuardForked, P11GuardError
 from p11guard.protocol import IDEMPOTENT_OPS
 from p11guard.supervisor import (
     AddCallback,
+    AddObserver,
     Close,
     Effects,
     Finalize,
     InjectFault,
+    JobObserver,
     SharedState,
     State,
     StatusRequest,
@@ -80,6 +83,7 @@ class Guard(Operations):
         self.config.load_pin()  # fail here, with the field named, not in an actor
         self._registry = HostRegistry()
         self._shared = SharedState()
+        self._observers: list[JobObserver] = []
         self._admission = threading.BoundedSemaphore(self.config.queue_max)
         self._seq = itertools.count(1)
         self._closed = threading.Event()
@@ -131,6 +135,13 @@ class Guard(Operations):
         if self._fork_epoch != fork_epoch():
             raise GuardForked(self._pid)
 
+    def health(self) -> dict[str, Any]:
+        """``serving`` (bool), ``state``, ``reason`` (``None`` while serving: else the failure
+        or outage cause), ``since`` (``time.time()`` of the last state change),
+        ``generation``, ``members_serving``, ``members_total``. Cheap: asks no actor."""
+        self._check_fork()
+        return health_view(self._shared)
+
     def status(self) -> dict[str, Any]:
         """State, generation, workers, last probe, outages and counters (like LunaHAStatus)."""
         self._check_fork()
@@ -143,6 +154,15 @@ class Guard(Operations):
         keep it short and never call back into the guard from it)."""
         self._check_fork()
         self._supervisor.tell(AddCallback(callback))
+
+    def add_observer(self, observer: JobObserver) -> None:
+        """Call ``observer(job, result, error)`` as every operation ends, refused ones too
+        (under the supervisor's lock, on the hot path: keep it to a few counter updates;
+        :mod:`p11guard.metrics` is the observer you want). ``job`` has ``op``, ``items``
+        (a batch's ``(op, args)`` list, else ``None``) and ``submitted`` (monotonic)."""
+        self._check_fork()
+        self._observers.append(observer)
+        self._supervisor.ask(AddObserver(observer), timeout=10)
 
     # -- submission ---------------------------------------------------------------------
 
@@ -159,8 +179,10 @@ class Guard(Operations):
             raise GuardClosed("the guard is closed")
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()  # accepted work completes; it is not cancelled
+        now = time.monotonic()
         error = refusal(self._shared.state, self.config.policy, op, failed_reason=self._shared.failed_reason)
         if error is not None:  # refused at once: a refused caller never waits for queue space
+            self._refused(Job(0, op, args, future, now, False, label, items, submitted=now), error)
             future.set_exception(error)
             return future
         # Backpressure: at most queue_max accepted operations not yet completed.
@@ -174,14 +196,25 @@ class Guard(Operations):
             op,
             args,
             future,
-            time.monotonic() + self.config.op_deadline_s,
+            now + self.config.op_deadline_s,
             idempotent,
             label,
             items,
+            submitted=now,
         )
         if not self._lane.submit(job):  # the supervisor is not running yet / any more
             self._supervisor.tell(Submit(job))
         return future
+
+    def _refused(self, job: Job, error: P11GuardError) -> None:
+        """Tell the observers of a job refused before it reached the supervisor."""
+        if self._observers:
+            with self._lane.lock:  # observers run one at a time, as in the supervisor
+                for observer in self._observers:
+                    try:
+                        observer(job, None, error)
+                    except Exception:
+                        logging.getLogger("p11guard").exception("a job observer failed on a refused job")
 
     # -- fault injection (testing.fault_injection = true) ---------------------------------
 

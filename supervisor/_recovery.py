@@ -34,6 +34,8 @@ class RecoveryDecisions(SupervisorBase):
     def _start_workers(self, member: Member, given: HostProcess | None = None) -> None:
         """Start the member's workers; the first takes ``given`` (a logged-in probe host)."""
         assert self._pin is not None
+        if member.served:  # back after a loss: these hosts replace lost ones
+            self.counters.host_restarts += member.workers
         for _ in range(member.workers):
             wid, self._next_wid = self._next_wid, self._next_wid + 1
             slot = WorkerSlot(wid, self.generation, member.name)
@@ -104,8 +106,11 @@ class RecoveryDecisions(SupervisorBase):
         slot.restarts += 1
         if slot.ref is not None and slot.ref.is_alive():
             # A session error with a live host: a new session is enough. Else a new host.
-            slot.ref.tell(Renew(self._pin, new_host=slot.last_error_kind != "session"))
+            new_host = slot.last_error_kind != "session"
+            self.counters.host_restarts += int(new_host)
+            slot.ref.tell(Renew(self._pin, new_host=new_host))
         else:
+            self.counters.host_restarts += 1
             slot.status = SlotState.STARTING
             config = self.members[slot.member].config
             slot.ref = self.effects.start_worker(wid, self.generation, config, self._pin, self.actor_ref)
@@ -193,11 +198,16 @@ class RecoveryDecisions(SupervisorBase):
             "at": res.at,
             "latency_s": round(res.latency_s, 6),
             "error": None if res.error is None else short(res.error),
+            "token_label": res.info.get("token_label"),
+            "serial": res.info.get("serial"),
         }
         self.last_probe = {**member.last_probe, "member": member.name}
         if res.ok and res.fresh:
             if member.state in (MemberState.STARTING, MemberState.LOST):
                 if member.state == MemberState.LOST:
+                    for outage in (member.outage, self.outage):
+                        if outage is not None:
+                            outage.answered(res.started)
                     member.state = MemberState.RECOVERING
                     log.info(
                         "member %s answers again (generation %d, probe %.3f s); starting its workers",
@@ -304,6 +314,7 @@ class RecoveryDecisions(SupervisorBase):
         if self.state in (State.LOST, State.RECOVERING, *FINAL):
             return  # single flight
         self.outage = Outage.begin(cause, self.generation)
+        self.shared.outage_cause = cause
         self._set_state(State.LOST, cause)
         self._stop_slots(list(self.slots.values()))
         for member in self.members.values():
@@ -340,6 +351,7 @@ class RecoveryDecisions(SupervisorBase):
         self.outages.append(self.outage)
         self.counters.recoveries += 1
         self.shared.recoveries = self.counters.recoveries
+        self.shared.outage_cause = None
         log.info(
             "recovered: generation %d serving after %.3f s (cause: %s)",
             self.generation,

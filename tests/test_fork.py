@@ -78,6 +78,7 @@ def test_a_guard_used_after_fork_fails_at_once_and_the_parent_keeps_signing(net_
                 "submit_sign": lambda: g.submit_sign(EC_KEY, b"x"),
                 "sign_many": lambda: g.sign_many(EC_KEY, [b"a", b"b"]),
                 "status": g.status,
+                "health": g.health,
                 "host_pids": g.host_pids,
             }.items():
                 try:
@@ -90,7 +91,7 @@ def test_a_guard_used_after_fork_fails_at_once_and_the_parent_keeps_signing(net_
             return out
 
         result = in_child(child)
-        for name in ("sign", "submit_sign", "sign_many", "status", "host_pids"):
+        for name in ("sign", "submit_sign", "sign_many", "status", "health", "host_pids"):
             assert "before os.fork()" in result[name], (name, result[name])
         message = result["sign"]
         assert str(os.getpid()) in message
