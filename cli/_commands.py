@@ -1,4 +1,4 @@
-"""The HSM commands of the CLI: keys, keygen, pubkey, sign, verify."""
+"""The HSM commands of the CLI: keys, keygen, status, pubkey, sign, verify, chaos."""
 
 from __future__ import annotations
 
@@ -101,6 +101,12 @@ def _verify(opts: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def _status(opts: argparse.Namespace) -> int:
+    from p11guard.cli._status import run_status
+
+    return run_status(_config(opts), opts.json)
+
+
 def _chaos(opts: argparse.Namespace) -> int:
     from p11guard.testing._chaos import run_cli
 
@@ -124,6 +130,15 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--type", required=True, help=" | ".join(KEY_TYPES))
     p.add_argument("--exist-ok", action="store_true", help="an existing label of that type is fine")
     p.set_defaults(func=_keygen)
+
+    p = with_config(
+        sub.add_parser(
+            "status",
+            help="start a one-off guard and show the group (like LunaHAStatus); exit 0 if it serves, 1 if not",
+        )
+    )
+    p.add_argument("--json", action="store_true", help="print health and status as JSON")
+    p.set_defaults(func=_status)
 
     p = with_config(sub.add_parser("pubkey", help="print a public key as PEM"))
     p.add_argument("--key", required=True)
