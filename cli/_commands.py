@@ -86,6 +86,7 @@ def _sign(opts: argparse.Namespace) -> int:
         Path(opts.report) if opts.report else None,
         opts.quiet,
         resign_changed=opts.resign_changed,
+        timeline_path=Path(opts.timeline) if opts.timeline else None,
     )
     print(report.summary())
     if report.changed:
@@ -159,6 +160,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, metavar="OUT.jsonl", help="signatures, one JSON object per line")
     p.add_argument("--mechanism", help="default from the key type")
     p.add_argument("--report", metavar="R.json", help="write the summary as JSON")
+    p.add_argument(
+        "--timeline",
+        metavar="T.png",
+        help="draw signatures per second with the group's and members' states (needs matplotlib)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument(
         "--resign-changed",
