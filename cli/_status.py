@@ -46,7 +46,8 @@ def format_status(config: Config, health: dict[str, Any], status: dict[str, Any]
         f", generation {status['generation']}, policy {status['policy']}, "
         f"{health['members_serving']} of {health['members_total']} members serving, since {_when(health['since'])}"
     )
-    rows = [["member", "state", "gen", "serial", "token", "last probe", "losses", "recoveries", "outages", "reason"]]
+    rows = [["member", "state", "gen", "serial", "token", "last probe", "losses", "recoveries", "outages"]]
+    reasons = []
     for m in status["members"]:
         probe = m.get("last_probe") or {}
         rows.append(
@@ -60,10 +61,11 @@ def format_status(config: Config, health: dict[str, Any], status: dict[str, Any]
                 str(m["losses"]),
                 str(m["recoveries"]),
                 str(len(m["outages"])),
-                m.get("reason") or "",
             ]
         )
-    lines += ["", *_table(rows)]
+        if m.get("reason"):
+            reasons.append(f"  {m['name']}: {m['reason']}")
+    lines += ["", *_table(rows), *reasons]
     workers = [["worker", "member", "pid", "status", "ops", "errors", "restarts"]]
     for w in status["workers"]:
         pid = str(w["pid"]) if w["pid"] else "-"
@@ -83,14 +85,25 @@ def format_status(config: Config, health: dict[str, Any], status: dict[str, Any]
     return "\n".join(lines)
 
 
+def _settled(status: dict[str, Any]) -> bool:
+    """Every member probed and its workers up or given up (not just the first one)."""
+    return not any(m["state"] in ("starting", "recovering") for m in status["members"]) and not any(
+        w["status"] == "starting" for w in status["workers"]
+    )
+
+
 def run_status(config: Config, as_json: bool) -> int:
-    """Start a guard of one worker, report, close it. Returns the exit code."""
+    """Start a guard of one worker (per member), wait until every member has answered its
+    probe or not, report, close it. Returns the exit code."""
     from p11guard._guard import Guard
 
     config = config.replace(workers=1)
     status: dict[str, Any] | None = None
     try:
         with Guard(config) as guard:
+            end = time.monotonic() + config.probe_s * 2 + 10
+            while not _settled(guard.status()) and time.monotonic() < end:
+                time.sleep(0.05)
             health, status = guard.health(), guard.status()
     except (ConfigError, UsageError):
         raise

@@ -54,3 +54,15 @@ def test_status_usage_errors_exit_2(
     no_pin = tmp_path / "no-pin.toml"
     no_pin.write_text(f'[module]\npath = "{bad}"\n[group]\ntoken_label = "t"\npin_file = "{tmp_path}/none"\n')
     usage_error(capsys, ["status", "--config", str(no_pin)], "pin_file")
+
+
+@pytest.mark.hsm_members(3)
+def test_status_of_a_group_with_a_member_lost(capsys: pytest.CaptureFixture[str], hsm_group: Testbed) -> None:
+    hsm_group.fault("lose", member="hsm-b")
+    code, out, _ = run(capsys, ["status", "--config", str(hsm_group.config_path)])
+    assert code == 0  # the group serves on the others
+    assert "2 of 3 members serving" in out.splitlines()[0]
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  hsm-")}
+    assert rows["hsm-a"][1] == "serving" and rows["hsm-c"][1] == "serving"
+    assert rows["hsm-b"][1] == "lost"
+    assert "hsm-b: probe of hsm-b failed" in out and "CKR_DEVICE_ERROR" in out
