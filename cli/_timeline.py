@@ -150,7 +150,7 @@ def render(data: dict[str, Any], path: Path, title: str) -> None:
             bands.broken_barh([(t, width)], (row - 0.4, 0.8), color=COLORS.get(state, "#9e9e9e"))
     bands.set_yticks(range(len(rows)), [name for name, _ in rows])
     bands.set_ylim(len(rows) - 0.5, -0.5)
-    bands.set_xlabel("seconds since the guard started")
+    bands.set_xlabel("seconds since signing began")
     ax.set_ylabel("signatures / s")
     ax.set_xlim(0, max(end, 1.0))
     ax.set_title(title)
