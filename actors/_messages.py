@@ -56,6 +56,8 @@ class Job:
     #: Times a probe said the group was fine after this job met a loss signal: the
     #: signal was the job's own. Once retried on another worker, the next is its answer.
     cleared: int = 0
+    #: ``time.monotonic()`` when the caller submitted it (for latency metrics).
+    submitted: float = 0.0
 
     @property
     def name(self) -> str:

@@ -18,6 +18,7 @@ __all__ = [
     "GroupLossError",
     "GuardClosed",
     "GuardFailed",
+    "GuardForked",
     "HostCrashed",
     "HostError",
     "HostStartError",
@@ -346,3 +347,26 @@ class TokenMismatch(P11GuardError):
 
 class GuardClosed(P11GuardError):
     """The guard is closed (or closing) and takes no more work."""
+
+
+class GuardForked(P11GuardError):
+    """The guard was created in another process: this one is a child of ``os.fork()``.
+
+    A guard's threads and host processes belong to the process that created it; a forked
+    child has copies of its objects but none of its threads, so it would wait forever.
+    The child never touches the parent's hosts (the parent keeps serving).
+
+    Attributes:
+        parent_pid: the pid of the process that created the guard.
+    """
+
+    def __init__(self, parent_pid: int) -> None:
+        self.parent_pid = parent_pid
+        super().__init__(
+            f"this Guard was created in process {parent_pid} before os.fork(); a forked child cannot use it. "
+            "Create the guard after the fork, in each child: gunicorn's post_fork(server, worker) hook, "
+            "Celery's worker_process_init signal, or your own code after os.fork()"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.parent_pid,))

@@ -1,4 +1,4 @@
-"""The HSM commands of the CLI: keys, keygen, pubkey, sign, verify."""
+"""The HSM commands of the CLI: keys, keygen, status, pubkey, sign, verify, chaos."""
 
 from __future__ import annotations
 
@@ -86,6 +86,7 @@ def _sign(opts: argparse.Namespace) -> int:
         Path(opts.report) if opts.report else None,
         opts.quiet,
         resign_changed=opts.resign_changed,
+        timeline_path=Path(opts.timeline) if opts.timeline else None,
     )
     print(report.summary())
     if report.changed:
@@ -99,6 +100,12 @@ def _verify(opts: argparse.Namespace) -> int:
     report = run_verify(Path(opts.input), Path(opts.sigs), Path(opts.pubkey))
     print(report.summary())
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _status(opts: argparse.Namespace) -> int:
+    from p11guard.cli._status import run_status
+
+    return run_status(_config(opts), opts.json)
 
 
 def _chaos(opts: argparse.Namespace) -> int:
@@ -125,6 +132,15 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--exist-ok", action="store_true", help="an existing label of that type is fine")
     p.set_defaults(func=_keygen)
 
+    p = with_config(
+        sub.add_parser(
+            "status",
+            help="start a one-off guard and show the group (like LunaHAStatus); exit 0 if it serves, 1 if not",
+        )
+    )
+    p.add_argument("--json", action="store_true", help="print health and status as JSON")
+    p.set_defaults(func=_status)
+
     p = with_config(sub.add_parser("pubkey", help="print a public key as PEM"))
     p.add_argument("--key", required=True)
     p.add_argument("--out", help="write the PEM here instead of stdout")
@@ -144,6 +160,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, metavar="OUT.jsonl", help="signatures, one JSON object per line")
     p.add_argument("--mechanism", help="default from the key type")
     p.add_argument("--report", metavar="R.json", help="write the summary as JSON")
+    p.add_argument(
+        "--timeline",
+        metavar="T.png",
+        help="draw signatures per second with the group's and members' states (needs matplotlib)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument(
         "--resign-changed",

@@ -36,8 +36,10 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "p11guard", *args]
 
 
-def run(records: int, outage_s: float, work: Path, quiet: bool, say: Any) -> dict[str, Any]:
-    """Run the demo in ``work``; returns the summary."""
+def run(
+    records: int, outage_s: float, work: Path, quiet: bool, say: Any, timeline: Path | None = None
+) -> dict[str, Any]:
+    """Run the demo in ``work``; returns the summary. ``timeline``: draw the run there (PNG)."""
     bed = Testbed(work / "testbed")
     sign: subprocess.Popen[bytes] | None = None
     try:
@@ -70,6 +72,7 @@ def run(records: int, outage_s: float, work: Path, quiet: bool, say: Any) -> dic
                 str(out),
                 "--report",
                 str(report),
+                *(["--timeline", str(timeline.resolve())] if timeline is not None else []),
                 *(["--quiet"] if quiet else []),
             ),
             stdout=subprocess.DEVNULL if quiet else None,
@@ -117,14 +120,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object, last")
     parser.add_argument("--records", type=int, default=20000)
     parser.add_argument("--outage", type=float, default=3.0, help="seconds the group stays lost")
+    parser.add_argument("--timeline", metavar="T.png", help="draw the run: signatures per second and the states")
     opts = parser.parse_args(argv)
+    if opts.timeline:
+        from p11guard.cli._timeline import require_matplotlib
+
+        require_matplotlib()
 
     def say(text: str) -> None:
         print(text, file=sys.stderr if opts.json else sys.stdout, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="p11guard-demo-") as tmp:
         try:
-            summary = run(opts.records, opts.outage, Path(tmp), opts.json, say)
+            summary = run(
+                opts.records, opts.outage, Path(tmp), opts.json, say, Path(opts.timeline) if opts.timeline else None
+            )
         except KeyboardInterrupt:
             print("demo interrupted; everything it started is stopped", file=sys.stderr)
             return 130
@@ -141,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             f"lost {summary['lost']}, duplicates {summary['duplicates']}, invalid {summary['invalid']}\n"
             + ("OK: exactly one valid signature per record" if ok else "FAILED")
         )
+        if opts.timeline:
+            print(f"timeline: {opts.timeline}")
     return 0 if ok else 1
 
 

@@ -39,6 +39,7 @@ from p11guard.cli._records import (
 )
 from p11guard.cli._sigfile import SignatureFile
 from p11guard.cli._signreport import SignReport
+from p11guard.cli._timeline import Timeline, render, require_matplotlib
 
 __all__ = ["SignReport", "resolve_key", "run_sign"]
 
@@ -72,6 +73,7 @@ def run_sign(
     quiet: bool = False,
     stream: TextIO | None = None,
     resign_changed: bool = False,
+    timeline_path: Path | None = None,
 ) -> SignReport:
     """Sign every record of ``source`` not yet in ``out``. Raises :class:`UsageError`
     (and other :class:`P11GuardError`) before signing or writing anything if an input,
@@ -80,7 +82,10 @@ def run_sign(
     check_output(out, "--out")
     if report_path is not None:
         check_output(report_path, "--report", replaced=True)
-    check_distinct({"--in": source, "--out": out, "--report": report_path})
+    if timeline_path is not None:
+        require_matplotlib()
+        check_output(timeline_path, "--timeline", replaced=True)
+    check_distinct({"--in": source, "--out": out, "--report": report_path, "--timeline": timeline_path})
     started_wall, started = time.time(), time.monotonic()
     report = SignReport(records=count_records(source))
     sigfile = SignatureFile(out, source, report.records, line_ids=not source.is_dir())
@@ -91,12 +96,15 @@ def run_sign(
             fingerprint = key_fingerprint(guard, key, key_type)
             sigfile.check_signer(key, mech, fingerprint)
             progress = make_progress(report.records, f"signing with {key}", quiet, stream)
-            job = _Job(guard, config, key, mech, fingerprint, report, progress.update)
+            timeline = Timeline(guard) if timeline_path is not None else None
+            job = _Job(guard, config, key, mech, fingerprint, report, progress.update, timeline)
             try:
                 with sigfile.open_for_append() as fh:
                     job.run(_todo(iter_records(source), sigfile, report, resign_changed), fh)
             finally:
                 progress.close()
+                if timeline is not None:
+                    report.timeline = timeline.finish()
                 status = guard.status()
                 report.recoveries = status.get("counters", {}).get("recoveries", 0)
                 report.outage_s = round(_outage_s(status, started_wall), 3)
@@ -106,6 +114,10 @@ def run_sign(
     report.ops_per_s = round(report.signed / report.elapsed_s, 1) if report.elapsed_s else 0.0
     if report_path is not None:
         report.write(report_path)
+    if timeline_path is not None and report.timeline is not None:
+        recoveries = f"{report.recoveries} recover{'y' if report.recoveries == 1 else 'ies'}"
+        title = f"p11guard sign: {report.signed:,} signed, {recoveries}, outage {report.outage_s:.1f} s"
+        render(report.timeline, timeline_path, title)
     return report
 
 
@@ -159,9 +171,10 @@ class _Job:
         fingerprint: str | None,
         report: SignReport,
         update: Callable[[int, str, int], None],
+        timeline: Timeline | None = None,
     ) -> None:
         self.guard, self.key, self.mech, self.fingerprint = guard, key, mech, fingerprint
-        self.report, self.update = report, update
+        self.report, self.update, self.timeline = report, update, timeline
         self.batch_size = config.batch_size
         self.max_window = max(4, config.workers * 4)  # enough to keep every worker busy
         self.window: deque[tuple[list[Record], Future[list[Any]]]] = deque()
@@ -238,4 +251,6 @@ class _Job:
             self.report.resigned += record.replaces is not None
         fh.write(b"".join(lines))
         fh.flush()
+        if self.timeline is not None:
+            self.timeline.signed(len(lines))
         self._tick()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from p11guard.cli._paths import UsageError
 
@@ -31,6 +32,8 @@ class SignReport:
     failures: list[dict[str, str]] = field(default_factory=list)
     changes: list[dict[str, str | int]] = field(default_factory=list)
     stalls: list[dict[str, float]] = field(default_factory=list)
+    #: With ``--timeline``: signatures per second and state changes (see ``_timeline``).
+    timeline: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:

@@ -67,6 +67,13 @@ class HostOutput:
                 cls._shared = cls()
             return cls._shared
 
+    @classmethod
+    def _after_fork_in_child(cls) -> None:
+        # The parent's reader thread is not in the child (shared() starts one there) and
+        # one of its threads may have held the lock at the fork.
+        cls._shared_lock = threading.Lock()
+        cls._shared = None
+
     def __init__(self) -> None:
         self._pid = os.getpid()
         self._selector = selectors.DefaultSelector()
@@ -109,3 +116,6 @@ class HostOutput:
                 for text in lines:
                     if text.strip():
                         source.line(text)
+
+
+os.register_at_fork(after_in_child=HostOutput._after_fork_in_child)

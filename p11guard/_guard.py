@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
+from p11guard._fork import fork_epoch
+from p11guard._health import health_view
+from p11guard._operations import Operations
 from p11guard.actors import FastLane, HostRegistry, Job, KeyPins
-from p11guard.base import Config, GuardClosed, GuardFailed
+from p11guard.base import Config, GuardClosed, GuardFailed, GuardForked, P11GuardError
 from p11guard.protocol import IDEMPOTENT_OPS
 from p11guard.supervisor import (
     AddCallback,
+    AddObserver,
     Close,
     Effects,
     Finalize,
     InjectFault,
+    JobObserver,
     SharedState,
     State,
     StatusRequest,
@@ -36,7 +40,6 @@ __all__ = ["Guard"]
 # A library logs; the application decides where it goes (the CLI shows it with -v).
 logging.getLogger("p11guard").addHandler(logging.NullHandler())
 
-T = TypeVar("T")
 _TICK_S = 0.05
 
 
@@ -56,7 +59,7 @@ class _Ticker(threading.Thread):
                 return
 
 
-class Guard:
+class Guard(Operations):
     """PKCS#11 operations that survive the loss of the whole HSM group.
 
     ``with Guard(config) as g:`` starts the probe host, then one host and one worker per
@@ -67,15 +70,20 @@ class Guard:
     ``sign(...)`` blocks, ``submit_sign(...)`` returns a :class:`concurrent.futures.Future`,
     ``await asign(...)`` is for asyncio code.
 
+    A guard belongs to the process that created it: in a child of ``os.fork()`` every
+    method raises :class:`GuardForked` at once (create the guard after the fork).
+
     Args:
         config: a :class:`Config`, or the path of a TOML config file.
     """
 
     def __init__(self, config: Config | str | os.PathLike[str]) -> None:
+        self._pid, self._fork_epoch = os.getpid(), fork_epoch()
         self.config = config if isinstance(config, Config) else Config.from_file(config)
         self.config.load_pin()  # fail here, with the field named, not in an actor
         self._registry = HostRegistry()
         self._shared = SharedState()
+        self._observers: list[JobObserver] = []
         self._admission = threading.BoundedSemaphore(self.config.queue_max)
         self._seq = itertools.count(1)
         self._closed = threading.Event()
@@ -125,8 +133,20 @@ class Guard:
         """How many full recoveries have completed."""
         return self._shared.recoveries
 
+    def _check_fork(self) -> None:
+        if self._fork_epoch != fork_epoch():
+            raise GuardForked(self._pid)
+
+    def health(self) -> dict[str, Any]:
+        """``serving`` (bool), ``state``, ``reason`` (``None`` while serving: else the failure
+        or outage cause), ``since`` (``time.time()`` of the last state change),
+        ``generation``, ``members_serving``, ``members_total``. Cheap: asks no actor."""
+        self._check_fork()
+        return health_view(self._shared)
+
     def status(self) -> dict[str, Any]:
         """State, generation, workers, last probe, outages and counters (like LunaHAStatus)."""
+        self._check_fork()
         if self._closed.is_set() and not self._supervisor.is_alive():
             return {"state": str(State.CLOSED), "generation": self._shared.generation}
         return cast(dict[str, Any], self._supervisor.ask(StatusRequest(), timeout=10))
@@ -140,7 +160,17 @@ class Guard:
     def on_state_change(self, callback: Callable[[str, str, dict[str, Any]], None]) -> None:
         """Call ``callback(old, new, info)`` on every state change (in the supervisor's thread;
         keep it short and never call back into the guard from it)."""
+        self._check_fork()
         self._supervisor.tell(AddCallback(callback))
+
+    def add_observer(self, observer: JobObserver) -> None:
+        """Call ``observer(job, result, error)`` as every operation ends, refused ones too
+        (under the supervisor's lock, on the hot path: keep it to a few counter updates;
+        :mod:`p11guard.metrics` is the observer you want). ``job`` has ``op``, ``items``
+        (a batch's ``(op, args)`` list, else ``None``) and ``submitted`` (monotonic)."""
+        self._check_fork()
+        self._observers.append(observer)
+        self._supervisor.ask(AddObserver(observer), timeout=10)
 
     # -- submission ---------------------------------------------------------------------
 
@@ -151,12 +181,16 @@ class Guard:
         label: str | None = None,
         items: list[tuple[str, dict[str, Any]]] | None = None,
     ) -> Future[Any]:
+        if self._fork_epoch != fork_epoch():
+            raise GuardForked(self._pid)
         if self._closed.is_set():
             raise GuardClosed("the guard is closed")
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()  # accepted work completes; it is not cancelled
+        now = time.monotonic()
         error = refusal(self._shared.state, self.config.policy, op, failed_reason=self._shared.failed_reason)
         if error is not None:  # refused at once: a refused caller never waits for queue space
+            self._refused(Job(0, op, args, future, now, False, label, items, submitted=now), error)
             future.set_exception(error)
             return future
         # Backpressure: at most queue_max accepted operations not yet completed.
@@ -170,203 +204,25 @@ class Guard:
             op,
             args,
             future,
-            time.monotonic() + self.config.op_deadline_s,
+            now + self.config.op_deadline_s,
             idempotent,
             label,
             items,
+            submitted=now,
         )
         if not self._lane.submit(job):  # the supervisor is not running yet / any more
             self._supervisor.tell(Submit(job))
         return future
 
-    def submit(self, op: str, **args: Any) -> Future[Any]:
-        """Submit any host operation by name (see :mod:`p11guard.protocol`)."""
-        return self._submit(op, args, label=args.get("label"))
-
-    def submit_batch(self, items: Sequence[tuple[str, dict[str, Any]]]) -> Future[list[Any]]:
-        """Submit many operations as one frame; the result lists a value or an exception each."""
-        if not items:
-            done: Future[list[Any]] = Future()
-            done.set_result([])
-            return done
-        return self._submit("batch", {}, items=[(op, dict(a)) for op, a in items])
-
-    def submit_sign(self, key: str, data: bytes, mechanism: str = "ecdsa-sha256") -> Future[bytes]:
-        return self._submit("sign", {"key": key, "data": data, "mechanism": mechanism})
-
-    def submit_verify(self, key: str, data: bytes, signature: bytes, mechanism: str = "ecdsa-sha256") -> Future[bool]:
-        return self._submit("verify", {"key": key, "data": data, "signature": signature, "mechanism": mechanism})
-
-    def submit_encrypt(self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b"") -> Future[bytes]:
-        return self._submit("encrypt", {"key": key, "data": data, "mechanism": mechanism, "aad": aad})
-
-    def submit_decrypt(self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b"") -> Future[bytes]:
-        return self._submit("decrypt", {"key": key, "data": data, "mechanism": mechanism, "aad": aad})
-
-    def submit_digest(self, data: bytes, mechanism: str = "sha256") -> Future[bytes]:
-        return self._submit("digest", {"data": data, "mechanism": mechanism})
-
-    def submit_random(self, n: int) -> Future[bytes]:
-        return self._submit("random", {"n": n})
-
-    def submit_public_key(self, key: str) -> Future[bytes]:
-        return self._submit("public_key", {"key": key})
-
-    def submit_generate_key_pair(self, label: str, type: str) -> Future[dict[str, Any]]:
-        return self._submit("generate_key_pair", {"label": label, "type": type}, label=label)
-
-    def submit_generate_secret(self, label: str, type: str) -> Future[dict[str, Any]]:
-        return self._submit("generate_secret", {"label": label, "type": type}, label=label)
-
-    def submit_destroy(self, label: str) -> Future[int]:
-        return self._submit("destroy", {"label": label}, label=label)
-
-    def submit_list_keys(self) -> Future[list[dict[str, Any]]]:
-        return self._submit("list_keys", {})
-
-    # -- blocking forms -----------------------------------------------------------------
-
-    def sign(self, key: str, data: bytes, mechanism: str = "ecdsa-sha256") -> bytes:
-        """Sign ``data`` with the private key labelled ``key``. ECDSA signatures are DER."""
-        return self.submit_sign(key, data, mechanism).result()
-
-    def verify(self, key: str, data: bytes, signature: bytes, mechanism: str = "ecdsa-sha256") -> bool:
-        """``True`` if ``signature`` is valid for ``data`` under the public key ``key``."""
-        return self.submit_verify(key, data, signature, mechanism).result()
-
-    def encrypt(self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b"") -> bytes:
-        """AES-GCM: returns IV (12 bytes) + ciphertext + tag."""
-        return self.submit_encrypt(key, data, mechanism, aad).result()
-
-    def decrypt(self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b"") -> bytes:
-        return self.submit_decrypt(key, data, mechanism, aad).result()
-
-    def digest(self, data: bytes, mechanism: str = "sha256") -> bytes:
-        return self.submit_digest(data, mechanism).result()
-
-    def random(self, n: int) -> bytes:
-        return self.submit_random(n).result()
-
-    def public_key(self, key: str) -> bytes:
-        """The public key as PEM (SubjectPublicKeyInfo)."""
-        return self.submit_public_key(key).result()
-
-    def generate_key_pair(self, label: str, type: str) -> dict[str, Any]:
-        """Generate ``ec-p256``, ``ec-p384``, ``rsa-2048``, ``rsa-3072`` or ``ed25519``.
-        Never retried after a loss: raises :class:`OutcomeUnknown` instead."""
-        return self.submit_generate_key_pair(label, type).result()
-
-    def generate_secret(self, label: str, type: str) -> dict[str, Any]:
-        """Generate ``aes-256`` or ``hmac-sha256``."""
-        return self.submit_generate_secret(label, type).result()
-
-    def destroy(self, label: str) -> int:
-        """Destroy every object labelled ``label``; returns how many."""
-        return self.submit_destroy(label).result()
-
-    def list_keys(self) -> list[dict[str, Any]]:
-        return self.submit_list_keys().result()
-
-    def sign_many(
-        self,
-        key: str,
-        items: Iterable[bytes],
-        mechanism: str = "ecdsa-sha256",
-        *,
-        return_exceptions: bool = False,
-    ) -> list[Any]:
-        """Sign many items, order kept, in batch frames spread over the workers.
-
-        Args:
-            return_exceptions: put the exception of a failed item in its place instead of
-                raising the first one.
-        """
-        futures = [f for _, f in self.submit_sign_many(key, items, mechanism)]
-        out: list[Any] = []
-        for future in futures:
-            out.extend(future.result())
-        if not return_exceptions:
-            for item in out:
-                if isinstance(item, BaseException):
-                    raise item
-        return out
-
-    def submit_sign_many(
-        self, key: str, items: Iterable[bytes], mechanism: str = "ecdsa-sha256"
-    ) -> list[tuple[int, Future[list[Any]]]]:
-        """Submit signatures in batch frames; returns ``(count, future)`` per frame, in order.
-        A frame holds at most ``workers.batch_size`` items and 8 MiB (1 KiB counted per item);
-        an item over 16 MiB less 64 KiB is not sent: its frame of one holds a RequestError."""
-        from p11guard.base import RequestError
-        from p11guard.protocol import MAX_FRAME
-
-        out: list[tuple[int, Future[list[Any]]]] = []
-        chunk: list[tuple[str, dict[str, Any]]] = []
-        size, item_max = 0, MAX_FRAME - 64 * 1024
-        for i, data in enumerate(items):
-            cost, too_large = len(data) + 1024, len(data) > item_max
-            if chunk and (len(chunk) >= self.config.batch_size or size + cost > 8 * 1024 * 1024 or too_large):
-                out.append((len(chunk), self.submit_batch(chunk)))
-                chunk, size = [], 0
-            if too_large:
-                why = f"item {i}: {len(data):,} bytes is more than the {item_max:,} bytes one PKCS#11 call through "
-                why += "p11guard can carry (a frame is at most 16 MiB; this is fixed): sign it another way or split it"
-                out.append((1, Future()))
-                out[-1][1].set_result([RequestError(why, kind="bad_request", name="too_large", op="sign")])
-                continue
-            chunk.append(("sign", {"key": key, "data": data, "mechanism": mechanism}))
-            size += cost
-        if chunk:
-            out.append((len(chunk), self.submit_batch(chunk)))
-        return out
-
-    # -- asyncio forms ------------------------------------------------------------------
-
-    async def _await(self, future: Future[T]) -> T:
-        return await asyncio.wrap_future(future)
-
-    async def asign(self, key: str, data: bytes, mechanism: str = "ecdsa-sha256") -> bytes:
-        return await self._await(self.submit_sign(key, data, mechanism))
-
-    async def averify(self, key: str, data: bytes, signature: bytes, mechanism: str = "ecdsa-sha256") -> bool:
-        return await self._await(self.submit_verify(key, data, signature, mechanism))
-
-    async def aencrypt(self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b"") -> bytes:
-        return await self._await(self.submit_encrypt(key, data, mechanism, aad))
-
-    async def adecrypt(self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b"") -> bytes:
-        return await self._await(self.submit_decrypt(key, data, mechanism, aad))
-
-    async def adigest(self, data: bytes, mechanism: str = "sha256") -> bytes:
-        return await self._await(self.submit_digest(data, mechanism))
-
-    async def arandom(self, n: int) -> bytes:
-        return await self._await(self.submit_random(n))
-
-    async def apublic_key(self, key: str) -> bytes:
-        return await self._await(self.submit_public_key(key))
-
-    async def agenerate_key_pair(self, label: str, type: str) -> dict[str, Any]:
-        return await self._await(self.submit_generate_key_pair(label, type))
-
-    async def agenerate_secret(self, label: str, type: str) -> dict[str, Any]:
-        return await self._await(self.submit_generate_secret(label, type))
-
-    async def adestroy(self, label: str) -> int:
-        return await self._await(self.submit_destroy(label))
-
-    async def alist_keys(self) -> list[dict[str, Any]]:
-        return await self._await(self.submit_list_keys())
-
-    async def asign_many(self, key: str, items: Iterable[bytes], mechanism: str = "ecdsa-sha256") -> list[bytes]:
-        futures = [f for _, f in self.submit_sign_many(key, items, mechanism)]
-        out: list[bytes] = []
-        for chunk in await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)):
-            for item in chunk:
-                if isinstance(item, BaseException):
-                    raise item
-                out.append(item)
-        return out
+    def _refused(self, job: Job, error: P11GuardError) -> None:
+        """Tell the observers of a job refused before it reached the supervisor."""
+        if self._observers:
+            with self._lane.lock:  # observers run one at a time, as in the supervisor
+                for observer in self._observers:
+                    try:
+                        observer(job, None, error)
+                    except Exception:
+                        logging.getLogger("p11guard").exception("a job observer failed on a refused job")
 
     # -- fault injection (testing.fault_injection = true) ---------------------------------
 
@@ -374,12 +230,14 @@ class Guard:
         """Inject a fault into a worker's host: ``fail_next`` (ckr, count, ops), ``hang``
         (seconds), ``crash`` (how = exit | sigkill | segv). Refused by the host unless
         ``testing.fault_injection`` is true."""
+        self._check_fork()
         future: Future[Any] = Future()
         self._supervisor.tell(InjectFault(worker, {"action": action, **args}, future))
         return future.result(timeout=self.config.call_s + 5)
 
     def host_pids(self) -> dict[str, int]:
         """Pids of the live host processes, by name (``worker-0``..., ``probe``)."""
+        self._check_fork()
         return {h.name: h.pid for h in self._registry.hosts() if h.alive and h.pid is not None}
 
     # -- closing ------------------------------------------------------------------------
@@ -387,7 +245,12 @@ class Guard:
     def close(self, timeout_s: float | None = None) -> None:
         """Stop taking work; finish what is queued if the group serves, fail it otherwise
         (every Future completes); close sessions politely if the group answers, kill what
-        does not. No process is left behind. Idempotent."""
+        does not. No process is left behind. Idempotent.
+
+        In a forked child it only marks this copy closed: the hosts are the parent's."""
+        if self._fork_epoch != fork_epoch():
+            self._closed.set()
+            return
         with self._close_lock:
             if self._closed.is_set() and not self._supervisor.is_alive():
                 return

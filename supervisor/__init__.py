@@ -8,9 +8,11 @@ the top of :mod:`._supervisor`), :mod:`._status` (the snapshot).
 """
 
 from p11guard.supervisor._admission import AdmissionQueue, refusal
+from p11guard.supervisor._base import JobObserver
 from p11guard.supervisor._effects import Effects
 from p11guard.supervisor._messages import (
     AddCallback,
+    AddObserver,
     Close,
     Finalize,
     InjectFault,
@@ -26,11 +28,13 @@ from p11guard.supervisor._supervisor import Supervisor
 __all__ = [
     "MAX_ATTEMPTS",
     "AddCallback",
+    "AddObserver",
     "AdmissionQueue",
     "Close",
     "Effects",
     "Finalize",
     "InjectFault",
+    "JobObserver",
     "MemberAttempt",
     "MemberState",
     "RenewAttempt",

@@ -52,7 +52,10 @@ from p11guard.supervisor._states import (
     WorkerSlot,
 )
 
-__all__ = ["SupervisorBase", "is_loss", "is_signal", "short"]
+__all__ = ["JobObserver", "SupervisorBase", "is_loss", "is_signal", "short"]
+
+#: Called with ``(job, result, error)`` as every job ends (see :meth:`SupervisorBase._settle`).
+JobObserver = Callable[[Job, Any, BaseException | None], None]
 
 log = logging.getLogger("p11guard")
 
@@ -104,6 +107,10 @@ class SupervisorBase(pykka.ThreadingActor):
         self.counters = Counters()
         self.last_probe: dict[str, Any] | None = None
         self.callbacks: list[Callable[[str, str, dict[str, Any]], None]] = []
+        #: The one hook on the hot path: told of every job as it ends (metrics). ``None``
+        #: costs nothing; several observers are called through :meth:`_fan_out`.
+        self.observer: JobObserver | None = None
+        self.observers: list[JobObserver] = []
         self.failed_reason: str | None = None
         self.closing = False
         self.close_future: Future[None] | None = None
@@ -142,6 +149,7 @@ class SupervisorBase(pykka.ThreadingActor):
         if old == new:
             return
         self.state = new
+        self.shared.since, self.shared.cause = time.time(), cause
         self.shared.state = new
         self.shared.generation = self.generation
         level = logging.WARNING if new in (State.SUSPECT, State.LOST, State.FAILED) else logging.INFO
@@ -165,10 +173,28 @@ class SupervisorBase(pykka.ThreadingActor):
     def _member_slots(self, member: Member) -> list[WorkerSlot]:
         return [s for s in self.slots.values() if s.member == member.name]
 
+    def _add_observer(self, observer: JobObserver) -> None:
+        self.observers.append(observer)
+        self.observer = self.observers[0] if len(self.observers) == 1 else self._fan_out
+
+    def _fan_out(self, job: Job, result: Any, error: BaseException | None) -> None:
+        for observer in self.observers:
+            observer(job, result, error)
+
     def _settle(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
-        """Complete the caller's Future (once; a job settled before is left alone)."""
+        """Complete the caller's Future (once; a job settled before is left alone).
+
+        Every job ends here, so the observer (if any) is told here, before the caller
+        sees the outcome.
+        """
         if job.future.done():
             return
+        if self.observer is not None:
+            try:
+                self.observer(job, result, error)
+            except Exception:
+                log.exception("a job observer failed; observers removed (metrics stop counting operations)")
+                self.observer, self.observers = None, []
         count = len(job.items) if job.items else 1
         if error is None:
             job.future.set_result(result)
@@ -264,6 +290,7 @@ class SupervisorBase(pykka.ThreadingActor):
             return
         self.failed_reason = reason
         self.shared.failed_reason = reason
+        self.shared.outage_cause = None
         if self.outage is not None:
             self.outages.append(self.outage)
             self.outage = None

@@ -11,6 +11,7 @@ from p11guard.actors import Job
 
 __all__ = [
     "AddCallback",
+    "AddObserver",
     "Close",
     "Finalize",
     "InjectFault",
@@ -58,6 +59,13 @@ class InjectFault:
 @dataclass(frozen=True)
 class AddCallback:
     callback: Callable[[str, str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class AddObserver:
+    """Tell ``observer(job, result, error)`` of every job as it ends."""
+
+    observer: Callable[[Job, Any, BaseException | None], None]
 
 
 @dataclass(frozen=True)

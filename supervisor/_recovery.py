@@ -17,9 +17,10 @@ from collections import deque
 from typing import Any
 
 from p11guard.actors import ProbeResult, Renew, Report, StartProbe, WorkerFailed, WorkerReady
-from p11guard.base import AuthError, GuardClosed, ModuleLoadError, OutOfService, RemoteError, TokenMismatch
+from p11guard.base import AuthError, GuardClosed, ModuleLoadError, OutOfService, RemoteError
 from p11guard.host import HostProcess
 from p11guard.supervisor._base import SupervisorBase, is_loss, short
+from p11guard.supervisor._identity import token_mismatch
 from p11guard.supervisor._messages import MemberAttempt, RenewAttempt
 from p11guard.supervisor._states import DISPATCHING, FINAL, Member, MemberState, Outage, SlotState, State, WorkerSlot
 
@@ -36,6 +37,8 @@ class RecoveryDecisions(SupervisorBase):
     def _start_workers(self, member: Member, given: HostProcess | None = None) -> None:
         """Start the member's workers; the first takes ``given`` (a logged-in probe host)."""
         assert self._pin is not None
+        if member.served:  # back after a loss: these hosts replace lost ones
+            self.counters.host_restarts += member.workers
         for _ in range(member.workers):
             wid, self._next_wid = self._next_wid, self._next_wid + 1
             slot = WorkerSlot(wid, self.generation, member.name)
@@ -116,8 +119,11 @@ class RecoveryDecisions(SupervisorBase):
         slot.restarts += 1
         if slot.ref is not None and slot.ref.is_alive():
             # A session error with a live host: a new session is enough. Else a new host.
-            slot.ref.tell(Renew(self._pin, new_host=slot.last_error_kind != "session"))
+            new_host = slot.last_error_kind != "session"
+            self.counters.host_restarts += int(new_host)
+            slot.ref.tell(Renew(self._pin, new_host=new_host))
         else:
+            self.counters.host_restarts += 1
             slot.status = SlotState.STARTING
             config = self.members[slot.member].config
             slot.ref = self.effects.start_worker(wid, self.generation, config, self._pin, self.actor_ref)
@@ -149,27 +155,10 @@ class RecoveryDecisions(SupervisorBase):
     # -- probes -------------------------------------------------------------------------
 
     def _same_token(self, member: Member, token: Any) -> bool:
-        """Is this the member's token? Recorded at first contact (and checked against
-        ``[group] serials`` if pinned); a different one is kept out, never served."""
-        if not isinstance(token, dict) or "serial" not in token:
-            return True  # a module that says nothing about its token cannot be checked
-        found = {k: token.get(k) for k in ("label", "serial", "manufacturer", "model")}
-        pinned = self.config.serials
-        if member.identity is None:
-            if pinned and found["serial"] not in pinned:
-                reason = f"token serial {found['serial']!r} is not one of group.serials {list(pinned)}"
-                self._keep_out(member, reason, TokenMismatch(member.name, {"serial": list(pinned)}, found, reason))
-                return False
-            member.identity = found
-            return True
-        if found != member.identity:
-            expected = member.identity
-            reason = (
-                f"a different token answers: expected serial {expected['serial']!r} ({expected['manufacturer']} "
-                f"{expected['model']}), found serial {found['serial']!r} ({found['manufacturer']} {found['model']}); "
-                "kept out, never served"
-            )
-            self._keep_out(member, reason, TokenMismatch(member.name, expected, found, reason))
+        """Is this the member's token? A different one is kept out, never served."""
+        mismatch = token_mismatch(member, token, self.config.serials)
+        if mismatch is not None:
+            self._keep_out(member, mismatch.reason or str(mismatch), mismatch)
             return False
         return True
 
@@ -233,6 +222,8 @@ class RecoveryDecisions(SupervisorBase):
             "at": res.at,
             "latency_s": round(res.latency_s, 6),
             "error": None if res.error is None else short(res.error),
+            "token_label": res.info.get("token_label"),
+            "serial": res.info.get("serial"),
         }
         self.last_probe = {**member.last_probe, "member": member.name}
         if res.ok and res.fresh:
@@ -243,6 +234,9 @@ class RecoveryDecisions(SupervisorBase):
                 return
             if member.state in (MemberState.STARTING, MemberState.LOST):
                 if member.state == MemberState.LOST:
+                    for outage in (member.outage, self.outage):
+                        if outage is not None:
+                            outage.answered(res.started)
                     member.state = MemberState.RECOVERING
                     log.info(
                         "member %s answers again (generation %d, probe %.3f s); starting its workers",
@@ -351,6 +345,7 @@ class RecoveryDecisions(SupervisorBase):
         if self.state in (State.LOST, State.RECOVERING, *FINAL):
             return  # single flight
         self.outage = Outage.begin(cause, self.generation)
+        self.shared.outage_cause = cause
         self._set_state(State.LOST, cause)
         self._stop_slots(list(self.slots.values()))
         for member in self.members.values():
@@ -402,6 +397,7 @@ class RecoveryDecisions(SupervisorBase):
         self.outages.append(self.outage)
         self.counters.recoveries += 1
         self.shared.recoveries = self.counters.recoveries
+        self.shared.outage_cause = None
         log.info(
             "recovered: generation %d serving after %.3f s (cause: %s)",
             self.generation,

@@ -91,10 +91,15 @@ MAX_ATTEMPTS = 8
 
 
 class SharedState:
-    """What the Guard reads without asking the actor: the state and why it failed."""
+    """What the Guard reads without asking the actor: the state, since when and why."""
 
     def __init__(self) -> None:
         self.state = State.STARTING
+        #: ``time.time()`` of the last state change, and its cause.
+        self.since = time.time()
+        self.cause: str | None = None
+        #: The cause of the group outage in progress (LOST, RECOVERING), else ``None``.
+        self.outage_cause: str | None = None
         self.failed_reason: str | None = None
         self.generation = 0
         self.recoveries = 0
@@ -124,20 +129,38 @@ class WorkerSlot:
 
 @dataclass
 class Outage:
+    """One outage of the group or of a member: from its loss to serving again.
+
+    ``recover_s`` is the part from the start of the first probe that found the HSM
+    answering again until it served: p11guard's own time to recover (a new host, session
+    and login, then the workers).
+    """
+
     start: float
     start_mono: float
     cause: str
     generation: int
     end: float | None = None
     duration_s: float | None = None
+    answered_mono: float | None = None
+    recover_s: float | None = None
 
     @classmethod
     def begin(cls, cause: str, generation: int) -> Outage:
         return cls(time.time(), time.monotonic(), cause, generation)
 
+    def answered(self, probe_started: float) -> None:
+        """A probe that began at ``probe_started`` (monotonic) found the HSM answering
+        again: recovery work (host, session, login) counts from there. The first counts."""
+        if self.answered_mono is None:
+            self.answered_mono = probe_started or time.monotonic()
+
     def finish(self) -> None:
+        now = time.monotonic()
         self.end = time.time()
-        self.duration_s = round(time.monotonic() - self.start_mono, 3)
+        self.duration_s = round(now - self.start_mono, 3)
+        if self.answered_mono is not None:
+            self.recover_s = round(now - self.answered_mono, 3)
 
 
 @dataclass
@@ -202,6 +225,8 @@ class Counters:
     login_failures: int = 0
     member_losses: int = 0
     member_recoveries: int = 0
+    #: Hosts started to replace lost ones (worker renewals, members and groups back).
+    host_restarts: int = 0
 
 
 @dataclass

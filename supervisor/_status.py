@@ -13,7 +13,14 @@ __all__ = ["outages_view", "snapshot"]
 
 def outages_view(outages: Iterable[Outage]) -> list[dict[str, Any]]:
     return [
-        {"start": o.start, "end": o.end, "duration_s": o.duration_s, "cause": o.cause, "generation": o.generation}
+        {
+            "start": o.start,
+            "end": o.end,
+            "duration_s": o.duration_s,
+            "recover_s": o.recover_s,
+            "cause": o.cause,
+            "generation": o.generation,
+        }
         for o in outages
     ]
 
@@ -92,6 +99,7 @@ def snapshot(
             "probes": counters.probes,
             "probes_failed": counters.probes_failed,
             "login_failures": counters.login_failures,
+            "host_restarts": counters.host_restarts,
         },
         "queued": queued,
         "in_flight": in_flight,

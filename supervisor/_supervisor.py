@@ -50,6 +50,7 @@ from p11guard.supervisor._admission import refusal
 from p11guard.supervisor._base import is_signal
 from p11guard.supervisor._messages import (
     AddCallback,
+    AddObserver,
     Close,
     Finalize,
     InjectFault,
@@ -161,6 +162,8 @@ class Supervisor(RecoveryDecisions):
             self._on_inject(message)
         elif isinstance(message, AddCallback):
             self.callbacks.append(message.callback)
+        elif isinstance(message, AddObserver):
+            self._add_observer(message.observer)
         elif isinstance(message, Close):
             self._on_close(message.future)
         elif isinstance(message, Finalize):

@@ -378,3 +378,20 @@ def test_token_changing_jobs_are_serialised_per_label(rig: Rig) -> None:
     w = next(w for w in rig.effects.workers if any(m.job is first for m in w.ref.of(RunJob)))
     rig.send(JobDone(w.wid, 0, first, result={"label": "k"}))
     assert any(m.job is second for x in rig.effects.workers for m in x.ref.of(RunJob))
+
+
+def test_token_identity_is_recorded_then_checked(tmp_path: Path) -> None:
+    from p11guard.supervisor._identity import token_mismatch
+    from p11guard.supervisor._states import Member
+
+    config = make_config(tmp_path)
+    member = Member("hsm-a", config, 1)
+    ours = {"label": "t", "serial": "1111", "manufacturer": "SoftHSM project", "model": "SoftHSM v2"}
+    assert token_mismatch(member, ours, ()) is None and member.identity == ours
+    assert token_mismatch(member, dict(ours), ()) is None
+    other = token_mismatch(member, {**ours, "serial": "2222"}, ())
+    assert other is not None and "expected serial '1111'" in str(other) and "found serial '2222'" in str(other)
+    assert token_mismatch(member, {"label": "t"}, ()) is None  # a module that names no serial cannot be checked
+    fresh = Member("hsm-b", config, 1)
+    pinned = token_mismatch(fresh, ours, ("9999",))
+    assert pinned is not None and "not one of group.serials ['9999']" in str(pinned) and fresh.identity is None

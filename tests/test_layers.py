@@ -1,7 +1,8 @@
 """The layout's promises, checked: imports flow one way and each process loads what it needs.
 
 facade (p11guard/) -> supervisor -> actors -> host -> protocol -> base; the CLI and the
-testing helpers sit beside the facade; the testbed knows nothing of its client.
+testing helpers sit beside the facade; the testbed knows nothing of its client; metrics
+sees a guard only through the facade (its public methods) and uses base.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ ALLOWED = {
     "actors": {"host", "protocol", "base"},
     "supervisor": {"actors", "host", "protocol", "base"},
     "testbed": {"host", "protocol", "base"},
+    "metrics": {"facade", "base"},
 }
 
 
@@ -88,7 +90,8 @@ def test_the_testbed_imports_no_guard() -> None:
 
 def test_import_p11guard_is_light() -> None:
     modules = _modules_after("import p11guard")
-    assert not [m for m in modules if m.split(".")[0] in ("pykka", "rich", "asyncio", "PyKCS11", "cryptography")]
+    heavy = ("pykka", "rich", "asyncio", "PyKCS11", "cryptography", "prometheus_client", "matplotlib")
+    assert not [m for m in modules if m.split(".")[0] in heavy]
     # and the public names are all there, on first use
     names = _modules_after("import p11guard\nfor n in p11guard.__all__: getattr(p11guard, n)")
     assert "p11guard._guard" in names
@@ -103,3 +106,9 @@ def test_no_module_over_400_lines() -> None:
         if not p.is_symlink() and (n := len(p.read_text().splitlines())) > 420
     }
     assert long == {}
+
+
+def test_health_apps_load_no_prometheus_client() -> None:
+    modules = _modules_after("import p11guard.metrics\np11guard.metrics.health_wsgi, p11guard.metrics.health_asgi")
+    assert "p11guard.metrics._health" in modules
+    assert not [m for m in modules if m.split(".")[0] in ("prometheus_client", "starlette", "matplotlib")]
