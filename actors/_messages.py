@@ -7,7 +7,7 @@ supervisor drops (or only settles the jobs of) anything from an older generation
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,7 +66,10 @@ class Job:
 
 @dataclass(frozen=True)
 class RunJob:
+    """Run ``job`` -- and, coalesced into the same frame, the single operations ``more``."""
+
     job: Job
+    more: tuple[Job, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -200,10 +203,16 @@ class FastLane:
 
     def deliver(self, done: JobDone) -> bool:
         """Hand a finished job to the supervisor now; ``False`` if it is not running."""
+        return self.deliver_all((done,))
+
+    def deliver_all(self, dones: Sequence[JobDone]) -> bool:
+        """Hand finished jobs to the supervisor at once, under one lock; ``False`` if it is
+        not running (then nothing was delivered)."""
         with self.lock:
             if self._deliver is None:
                 return False
-            self._deliver(done)
+            for done in dones:
+                self._deliver(done)
             return True
 
 

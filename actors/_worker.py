@@ -128,7 +128,10 @@ class CryptoWorker(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, RunJob):
-            self._run(message.job)
+            if message.more:
+                self._run_frame([message.job, *message.more])
+            else:
+                self._run(message.job)
         elif isinstance(message, Renew):
             self._pin = message.pin
             self._bring_up(new_host=message.new_host)
@@ -168,6 +171,47 @@ class CryptoWorker(pykka.ThreadingActor):
                 self._drop_host()  # hung, crashed or poisoned: never reused
             outcome = JobDone(self.wid, self.generation, job, error=exc)
         self.supervisor.tell(outcome)
+
+    def _run_frame(self, jobs: list[Job]) -> None:
+        """Single operations coalesced into one frame: one round trip, and each job gets
+        its own result or its own error (one bad item never fails the others)."""
+        host = self.host
+        done: list[JobDone] = []
+        try:
+            if host is None:
+                raise RuntimeError("worker has no host")
+            ready: list[Job] = []
+            for job in jobs:
+                try:
+                    self._check_keys(host, job)
+                except RemoteError as exc:
+                    if exc.kind not in ANSWER_KINDS:
+                        raise  # a signal: the whole frame meets it
+                    done.append(JobDone(self.wid, self.generation, job, error=exc))
+                else:
+                    ready.append(job)
+            results = host.call_batch([(job.op, job.args) for job in ready], self.config.call_s) if ready else []
+        except Exception as exc:
+            if host is not None and host.broken is not None:
+                self._drop_host()  # hung, crashed or poisoned: never reused
+            for job in jobs:
+                if not any(d.job is job for d in done):
+                    done.append(JobDone(self.wid, self.generation, job, error=exc))
+            for outcome in done:
+                self.supervisor.tell(outcome)
+            return
+        good: list[JobDone] = []
+        for job, result in zip(ready, results, strict=True):
+            if isinstance(result, BaseException):
+                done.append(JobDone(self.wid, self.generation, job, error=result))
+            else:
+                good.append(JobDone(self.wid, self.generation, job, result=result))
+        # Successes go to the supervisor's books (and their callers) at once, under one
+        # lock; failures are messages, for the supervisor to decide.
+        if good and not (self.lane is not None and self.lane.deliver_all(good)):
+            done.extend(good)
+        for outcome in done:
+            self.supervisor.tell(outcome)
 
     def _check_keys(self, host: HostProcess, job: Job) -> None:
         """Each key of the job, once per session: is it still the key this guard used?"""

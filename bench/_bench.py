@@ -46,6 +46,17 @@ def _contenders(tiny: bool) -> list[dict[str, Any]]:
             }
         )
         out.append({"name": f"p11guard sign_many, {w}w", "kind": "p11guard", "mode": "sign_many", "workers": w})
+    for w in (2,) if tiny else (2, 16):  # the service cases: single ops from many callers
+        out.append(
+            {
+                "name": f"p11guard sign x16 threads, {w}w",
+                "kind": "p11guard",
+                "mode": "threads",
+                "threads": 16,
+                "workers": w,
+            }
+        )
+        out.append({"name": f"p11guard asign x256, {w}w", "kind": "p11guard", "mode": "asign", "workers": w})
     return out
 
 

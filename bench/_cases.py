@@ -148,6 +148,8 @@ def _case_p11guard(a: dict[str, Any]) -> dict[str, Any]:
                 return chunk
 
             out = _measure(a, 1, lambda i: None, step)
+        elif a["mode"] == "asign":
+            out = _measure_async(a, g, label, mechanism)
         else:
 
             def one(ctx: None, i: int, n: int) -> int:
@@ -158,6 +160,34 @@ def _case_p11guard(a: dict[str, Any]) -> dict[str, Any]:
         out["rss_supervisor_mib"] = psutil.Process().memory_info().rss / 2**20
         out["rss_hosts_mib"] = [psutil.Process(p).memory_info().rss / 2**20 for p in g.host_pids().values()]
     return out
+
+
+def _measure_async(a: dict[str, Any], g: Any, label: str, mechanism: str) -> dict[str, Any]:
+    """``inflight`` coroutines each awaiting ``asign`` in a loop, as a service's handlers do;
+    the rate of completions between the end of the warm-up and the deadline."""
+    import asyncio
+
+    inflight = int(a.get("inflight", 256))
+
+    async def run() -> tuple[int, float]:
+        start = time.perf_counter() + a["warmup"]
+        end = start + a["seconds"]
+        count = 0
+
+        async def caller(i: int) -> None:
+            nonlocal count
+            n = 0
+            while (now := time.perf_counter()) < end:
+                await g.asign(label, b"record %d-%d" % (i, n), mechanism)
+                n += 1
+                if now >= start:
+                    count += 1
+
+        await asyncio.gather(*(caller(i) for i in range(inflight)))
+        return count, time.perf_counter() - start
+
+    count, elapsed = asyncio.run(run())
+    return {"ops_per_s": count / elapsed}
 
 
 def _case_host_batch(a: dict[str, Any]) -> dict[str, Any]:

@@ -56,6 +56,21 @@ def goals(data: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
         ratio("cpu", "ecdsa", "p11guard sign_many, 2w"),
         1.5,
     )
+    for name in ("p11guard asign x256, 2w", "p11guard sign x16 threads, 2w"):
+        add(f"Service, CPU-bound ECDSA: {name} >= 1.5x PyKCS11 1 thread", ratio("cpu", "ecdsa", name), 1.5)
+    many = _find(r, "net", "ecdsa", "p11guard sign_many, 16w").get("ops_per_s")
+    for name in ("p11guard asign x256, 16w", "p11guard sign x16 threads, 16w"):
+        single = _find(r, "net", "ecdsa", name).get("ops_per_s")
+        add(
+            f"Service, latency-bound ECDSA: {name} >= 0.8x sign_many 16w",
+            round(single / many, 2) if single and many else None,
+            0.8,
+        )
+        add(
+            f"Service, latency-bound ECDSA: {name} >= 18x best PyKCS11",
+            ratio("net", "ecdsa", name, "x_best_pykcs11"),
+            18,
+        )
     add(
         "Latency-bound ECDSA: p11guard 16 workers >= 10x best PyKCS11",
         max(

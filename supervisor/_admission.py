@@ -59,6 +59,10 @@ class AdmissionQueue:
     def pop(self) -> Job:
         return self._jobs.popleft()
 
+    def peek(self) -> Job:
+        """The job :meth:`pop` would return, left in place."""
+        return self._jobs[0]
+
     def expired(self, now: float) -> list[Job]:
         """Remove and return the jobs at the head whose deadline has passed."""
         out = []

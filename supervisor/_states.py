@@ -117,7 +117,8 @@ class WorkerSlot:
     ref: pykka.ActorRef[Any] | None = None
     status: SlotState = SlotState.STARTING
     pid: int | None = None
-    job: Job | None = None
+    #: The jobs on it now, by seq: one, or several single operations coalesced into a frame.
+    jobs: dict[int, Job] = field(default_factory=dict)
     ops: int = 0
     errors: int = 0
     last_error: str | None = None
@@ -225,6 +226,7 @@ class Counters:
     login_failures: int = 0
     member_losses: int = 0
     member_recoveries: int = 0
+    coalesced: int = 0  # single operations that shared a frame with another
     #: Hosts started to replace lost ones (worker renewals, members and groups back).
     host_restarts: int = 0
 

@@ -96,6 +96,7 @@ def snapshot(
             "recoveries": counters.recoveries,
             "member_losses": counters.member_losses,
             "member_recoveries": counters.member_recoveries,
+            "coalesced": counters.coalesced,
             "probes": counters.probes,
             "probes_failed": counters.probes_failed,
             "login_failures": counters.login_failures,

@@ -203,12 +203,37 @@ class Supervisor(RecoveryDecisions):
                 continue
             if not job.idempotent and job.label:
                 changing.add(job.label)
-            slot.status, slot.job = SlotState.BUSY, job
-            job.attempts += 1
-            self.inflight[job.seq] = InFlight(self.generation, wid, job)
-            slot.ref.tell(RunJob(job))
+            frame = [job, *self._coalesce(job, now)]
+            if len(frame) > 1:
+                self.counters.coalesced += len(frame)
+            slot.status = SlotState.BUSY
+            for one in frame:
+                slot.jobs[one.seq] = one
+                one.attempts += 1
+                self.inflight[one.seq] = InFlight(self.generation, wid, one)
+            slot.ref.tell(RunJob(job, tuple(frame[1:])))
         for job in reversed(waiting):
             self.queue.retry(job)
+
+    def _coalesce(self, first: Job, now: float) -> list[Job]:
+        """More single operations for the same frame, while more wait than workers are
+        free: never waits for any (a lone caller's op goes at once, alone)."""
+        if first.items is not None or not first.idempotent:
+            return []
+        more: list[Job] = []
+        while (
+            self.queue
+            and len(self.queue) > len(self.idle)
+            and len(more) + 1 < self.config.batch_size
+            and self.queue.peek().items is None
+            and self.queue.peek().idempotent
+        ):
+            job = self.queue.pop()
+            if now >= job.deadline:
+                self._expire(job)
+            else:
+                more.append(job)
+        return more
 
     def _on_job_done(self, msg: JobDone) -> None:
         entry = self.inflight.pop(msg.job.seq, None)
@@ -218,33 +243,32 @@ class Supervisor(RecoveryDecisions):
             and msg.generation == self.generation
             and slot is not None
             and slot.generation == msg.generation
-            and slot.job is msg.job
+            and slot.jobs.pop(msg.job.seq, None) is msg.job
         )
         if current:
             assert slot is not None
-            slot.job = None
             slot.ops += len(msg.job.items) if msg.job.items else 1
         if msg.error is None:
             self._settle(msg.job, result=msg.result)
             if current:
                 assert slot is not None
-                slot.status = SlotState.IDLE
                 slot.fail_streak = 0
-                self.idle.append(slot.wid)
         elif not is_signal(msg.error):
             self._settle(msg.job, error=msg.error)
-            if current:
-                assert slot is not None
-                slot.status = SlotState.IDLE
-                self.idle.append(slot.wid)
         elif current:
             # Evidence, not a verdict: the job waits for the probe of this worker's member.
             assert slot is not None
             outcome = msg.result if msg.result is not None else msg.error
             self._hold(self.members[slot.member], msg.job, msg.error, outcome)
-            self._suspect(slot, msg.error)
+            if slot.status != SlotState.SUSPECT:  # once per frame
+                self._suspect(slot, msg.error)
         else:
             self._lost_in_flight(msg.job, msg.error)
+        if current:
+            assert slot is not None
+            if not slot.jobs and slot.status == SlotState.BUSY:
+                slot.status = SlotState.IDLE
+                self.idle.append(slot.wid)
         self._dispatch()
         self._maybe_closed()
 

@@ -395,3 +395,63 @@ def test_token_identity_is_recorded_then_checked(tmp_path: Path) -> None:
     fresh = Member("hsm-b", config, 1)
     pinned = token_mismatch(fresh, ours, ("9999",))
     assert pinned is not None and "not one of group.serials ['9999']" in str(pinned) and fresh.identity is None
+
+
+# -- coalescing single operations into frames -----------------------------------------------------
+
+
+def test_a_lone_callers_op_goes_at_once_alone(rig: Rig) -> None:
+    rig.serve()
+    job = rig.job()
+    rig.sup._on_submit(job)  # dispatched inside the submit: no timer, no waiting for company
+    (run,) = [m for w in rig.effects.workers for m in w.ref.of(RunJob)]
+    assert run.job is job and run.more == ()
+
+
+def test_waiting_single_ops_share_a_frame_each_with_its_own_answer(rig: Rig) -> None:
+    rig.serve()
+    first, second = rig.job(), rig.job()
+    rig.sup._on_submit(first)
+    rig.sup._on_submit(second)  # both workers busy now
+    waiting = [rig.job() for _ in range(6)]
+    generate = rig.job("generate_key_pair", idempotent=False)
+    for job in [*waiting, generate]:
+        rig.sup._on_submit(job)
+    assert len(rig.sup.queue) == 7
+    w = next(w for w in rig.effects.workers if any(m.job is first for m in w.ref.of(RunJob)))
+    rig.send(JobDone(w.wid, 0, first, result=b"1"))
+    frame = w.ref.of(RunJob)[-1]
+    assert [frame.job, *frame.more] == waiting  # the token-changing op is never coalesced
+    outcomes = [b"ok"] * 6
+    rig.send(JobDone(w.wid, 0, waiting[0], result=b"ok"))
+    rig.send(JobDone(w.wid, 0, waiting[1], error=UserError("no key", kind="user", name="key_not_found")))
+    for job in waiting[2:]:
+        rig.send(JobDone(w.wid, 0, job, result=b"ok"))
+    with pytest.raises(UserError):
+        waiting[1].future.result(0)
+    assert [j.future.result(0) for j in waiting if j is not waiting[1]] == outcomes[:5]
+    assert w.wid in rig.sup.idle or any(m.job is generate for m in w.ref.of(RunJob))
+
+
+def test_a_loss_in_the_middle_of_a_frame_retries_idempotent_ops_exactly_once(rig: Rig) -> None:
+    rig.serve()
+    first, second = rig.job(), rig.job()
+    rig.sup._on_submit(first)
+    rig.sup._on_submit(second)
+    waiting = [rig.job() for _ in range(4)]
+    for job in waiting:
+        rig.sup._on_submit(job)
+    w = next(w for w in rig.effects.workers if any(m.job is first for m in w.ref.of(RunJob)))
+    rig.send(JobDone(w.wid, 0, first, result=b"1"))
+    crash = HostCrashed("host killed by SIGKILL during batch")
+    for job in waiting:  # the frame's host died: every op of it meets the same signal
+        rig.send(JobDone(w.wid, 0, job, error=crash))
+    assert len(rig.effects.health["default"].of(Report)) == 1  # one suspicion per frame
+    rig.probe(ok=False, error=loss("probe"), fresh=False)  # the group is lost
+    rig.probe()
+    new = rig.current()
+    rig.ready(new)
+    runs = [m for x in new for m in x.ref.of(RunJob)]
+    again = [j for m in runs for j in (m.job, *m.more)]
+    assert sorted(j.seq for j in again if j in waiting) == sorted(j.seq for j in waiting)  # each once
+    assert not any(j.future.done() for j in waiting)

@@ -389,3 +389,33 @@ def test_a_general_error_with_a_healthy_group_costs_one_probe_no_recovery(net_co
     assert after["counters"]["probes"] == before["probes"] + 1
     assert after["counters"]["recoveries"] == 0 and after["generation"] == 0
     assert after["counters"]["ops_retried"] == before["ops_retried"] + 1
+
+
+def test_many_async_callers_share_frames_through_a_total_loss(net_config: Config, group: Testbed) -> None:
+    """256 coroutines in flight: single ops coalesce into frames, each caller gets its own
+    answer, and a total loss in the middle costs no idempotent op (exactly once)."""
+    import asyncio
+
+    async def run(g: Guard) -> tuple[list[tuple[bytes, bytes]], list[BaseException]]:
+        async def one(i: int) -> tuple[bytes, bytes]:
+            data = b"async %d" % i
+            return data, await g.asign(EC_KEY, data)
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(256)]
+        await asyncio.sleep(0)
+        group.fault("lose")
+        await asyncio.to_thread(wait_until, lambda: g.state == "RECOVERING", 10, "the loss")
+        group.fault("restore")
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        return [d for d in done if isinstance(d, tuple)], [d for d in done if isinstance(d, BaseException)]
+
+    with guard(net_config.replace(workers=2, batch_size=32)) as g:
+        signed, errors = asyncio.run(run(g))
+        pem = g.public_key(EC_KEY)
+        status = g.status()
+    assert errors == [] and len(signed) == 256 and len({d for d, _ in signed}) == 256
+    pub = load_pem_public_key(pem)
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    for data, sig in signed:
+        pub.verify(sig, data, ec.ECDSA(hashes.SHA256()))
+    assert status["counters"]["coalesced"] > 0 and status["counters"]["ops_ok"] >= 256
