@@ -40,6 +40,7 @@ from p11guard.supervisor._states import (
     DISPATCHING,
     FINAL,
     MAX_ATTEMPTS,
+    OUTAGES_KEPT,
     Counters,
     Held,
     InFlight,
@@ -102,7 +103,7 @@ class SupervisorBase(pykka.ThreadingActor):
         self.idle: deque[int] = deque()
         self.queue = AdmissionQueue()
         self.inflight: dict[int, InFlight] = {}
-        self.outages: list[Outage] = []
+        self.outages: deque[Outage] = deque(maxlen=OUTAGES_KEPT)  # the last ones; totals in counters
         self.outage: Outage | None = None
         self.counters = Counters()
         self.last_probe: dict[str, Any] | None = None

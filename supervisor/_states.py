@@ -7,6 +7,7 @@ Plain data, no behaviour beyond small predicates: the decisions are in
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = [
     "DISPATCHING",
     "FINAL",
     "MAX_ATTEMPTS",
+    "OUTAGES_KEPT",
     "Counters",
     "Held",
     "InFlight",
@@ -88,6 +90,8 @@ DISPATCHING = frozenset({State.SERVING, State.SUSPECT})
 FINAL = frozenset({State.FAILED, State.CLOSED})
 #: Runs of one job that may end in a loss signal before its last error is its answer.
 MAX_ATTEMPTS = 8
+#: Outages kept in the books (group and each member): the last ones; counters keep totals.
+OUTAGES_KEPT = 100
 
 
 class SharedState:
@@ -192,7 +196,7 @@ class Member:
         self.attempt = 0
         self.reason: str | None = None
         self.outage: Outage | None = None
-        self.outages: list[Outage] = []
+        self.outages: deque[Outage] = deque(maxlen=OUTAGES_KEPT)
         self.losses = 0
         self.recoveries = 0
         self.last_probe: dict[str, Any] | None = None

@@ -25,7 +25,7 @@ def outages_view(outages: Iterable[Outage]) -> list[dict[str, Any]]:
     ]
 
 
-def _with_current(done: list[Outage], current: Outage | None) -> list[Outage]:
+def _with_current(done: Iterable[Outage], current: Outage | None) -> list[Outage]:
     return [*done, *([current] if current else [])]
 
 
@@ -38,7 +38,7 @@ def snapshot(
     slots: Iterable[WorkerSlot],
     worker_host: Callable[[int], HostProcess | None],
     last_probe: dict[str, Any] | None,
-    outages: list[Outage],
+    outages: Iterable[Outage],
     outage: Outage | None,
     counters: Counters,
     queued: int,

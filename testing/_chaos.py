@@ -17,16 +17,16 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from p11guard._guard import Guard
 from p11guard.base import P11GuardError, UserError
-from p11guard.cli._verify import verify_signature
+from p11guard.testing._checker import Checker, OpRecord
 from p11guard.testing._soak import maybe_sample, not_zombie, soak_verdict
 
-__all__ = ["Fault", "OpRecord", "check", "main", "make_schedule"]
+__all__ = ["Checker", "Fault", "OpRecord", "check", "main", "make_schedule"]
 
 KINDS = (
     "loss_short",
@@ -40,7 +40,6 @@ KINDS = (
     "inject_0xB3",
     "probe_crash_in_recovery",
 )
-TOKEN_CHANGING = {"generate_key_pair"}
 
 
 @dataclass(frozen=True)
@@ -78,18 +77,6 @@ def make_schedule(seed: int, duration_s: float, workers: int = 3, kinds: tuple[s
     return faults
 
 
-@dataclass
-class OpRecord:
-    """One accepted operation and how it ended."""
-
-    seq: int
-    op: str
-    outcome: str  # ok | error
-    error: str | None = None
-    completions: int = 1
-    check: dict[str, Any] = field(default_factory=dict)  # what to verify afterwards
-
-
 def check(
     records: list[OpRecord],
     status: dict[str, Any],
@@ -98,54 +85,21 @@ def check(
     fd_growth: int,
     final_state: str,
 ) -> list[str]:
-    """Every invariant of a chaos run; returns the violations (empty: all hold)."""
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    violations: list[str] = []
-    pub = load_pem_public_key(public_pem) if public_pem else None
-    seqs = [r.seq for r in records]
-    if len(seqs) != len(set(seqs)):
-        violations.append("an operation was recorded twice")
+    """Every invariant of a finished run's records (what :class:`Checker` does as they come)."""
+    checker = Checker(public_pem)
     for r in records:
-        if r.completions != 1:
-            violations.append(f"op {r.seq} ({r.op}) completed {r.completions} times")
-        if r.outcome == "error":
-            if r.error and r.error.startswith("OutcomeUnknown") and r.op not in TOKEN_CHANGING:
-                violations.append(f"op {r.seq} ({r.op}): OutcomeUnknown for an idempotent op")
-            elif not (r.error or "").startswith("OutcomeUnknown"):
-                violations.append(f"op {r.seq} ({r.op}) failed: {r.error}")
-            if "stale_generation" in (r.error or ""):
-                violations.append(f"op {r.seq} used a stale generation")
-            continue
-        if r.op == "sign":
-            sig = bytes.fromhex(r.check["signature"])
-            if pub is None or not verify_signature(pub, "ecdsa-sha256", sig, bytes.fromhex(r.check["data"])):
-                violations.append(f"op {r.seq}: signature does not verify")
-        elif r.op == "encrypt_decrypt" and r.check.get("plain") != r.check.get("decrypted"):
-            violations.append(f"op {r.seq}: ciphertext did not decrypt to its plaintext")
-        elif r.op in ("verify", "hmac") and r.check.get("valid") is not True:
-            violations.append(f"op {r.seq}: a good signature ({r.op}) did not verify")
-    if status.get("generation") != status.get("counters", {}).get("recoveries"):
-        violations.append(
-            f"generation {status.get('generation')} != recoveries {status.get('counters', {}).get('recoveries')}"
-        )
-    if leaked_pids:
-        violations.append(f"processes left behind: {leaked_pids}")
-    if fd_growth > 8:
-        violations.append(f"file descriptors grew by {fd_growth}")
-    if final_state != "SERVING":
-        violations.append(f"final state {final_state}, not SERVING")
-    return violations
+        checker.add(r)
+    return checker.finish(status, leaked_pids, fd_growth, final_state)
 
 
 class _Workload:
-    def __init__(self, guard: Guard, seed: int, threads: int, round_trip: str) -> None:
+    def __init__(self, guard: Guard, seed: int, threads: int, round_trip: str, checker: Checker) -> None:
         self.guard = guard
+        self.checker = checker
         self.round_trip = round_trip  # "gcm", "hmac" or "none": what the token can do
         self.seed = seed
         self.stop = threading.Event()
         self.lock = threading.Lock()
-        self.records: list[OpRecord] = []
         self.seq = 0
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
@@ -156,7 +110,7 @@ class _Workload:
 
     def _record(self, rec: OpRecord) -> None:
         with self.lock:
-            self.records.append(rec)
+            self.checker.add(rec)
 
     def _call(self, op: str, future: Future[Any]) -> tuple[Any, OpRecord]:
         rec = OpRecord(self._next(), op, "ok")
@@ -298,7 +252,8 @@ def run(seed: int, duration_s: float, soak: bool, say: Any, workdir: Path, backe
         fds_before = me.num_fds()
         guard = Guard(config)
         pids: set[int] = set(guard.host_pids().values())
-        work = _Workload(guard, seed, threads=4, round_trip=round_trip)
+        checker = Checker(pem)
+        work = _Workload(guard, seed, threads=4, round_trip=round_trip, checker=checker)
         for t in work.threads:
             t.start()
         start = time.monotonic()
@@ -333,20 +288,21 @@ def run(seed: int, duration_s: float, soak: bool, say: Any, workdir: Path, backe
             time.sleep(0.05)
         leaked = [p for p in pids if psutil.pid_exists(p) and not_zombie(p)]
         fd_growth = me.num_fds() - fds_before
-        violations = check(work.records, status, pem, leaked, fd_growth, final_state)
+        violations = checker.finish(status, leaked, fd_growth, final_state)
+        soak_report: dict[str, Any] = {}
         if soak:
-            violations += soak_verdict(rss, workdir, say)
+            soak_problems, soak_report = soak_verdict(rss, workdir, say)
+            violations += soak_problems
     finally:
         bed.down()
-    ops = len(work.records)
-    errors = [r for r in work.records if r.outcome == "error"]
     return {
         "ok": not violations,
         "seed": seed,
         "duration_s": duration_s,
-        "ops": ops,
-        "errors": len(errors),
-        "outcome_unknown": sum(1 for r in errors if (r.error or "").startswith("Outcome")),
+        "ops": checker.ops,
+        "errors": checker.errors,
+        "outcome_unknown": checker.outcome_unknown,
+        "soak": soak_report,
         "faults": applied,
         "recoveries": status["counters"]["recoveries"],
         "generation": status["generation"],

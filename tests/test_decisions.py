@@ -455,3 +455,16 @@ def test_a_loss_in_the_middle_of_a_frame_retries_idempotent_ops_exactly_once(rig
     again = [j for m in runs for j in (m.job, *m.more)]
     assert sorted(j.seq for j in again if j in waiting) == sorted(j.seq for j in waiting)  # each once
     assert not any(j.future.done() for j in waiting)
+
+
+def test_the_books_keep_the_last_outages_and_count_them_all(rig: Rig) -> None:
+    from p11guard.supervisor import MAX_ATTEMPTS  # noqa: F401 - the books' constants live beside it
+    from p11guard.supervisor._states import OUTAGES_KEPT
+
+    rig.serve()
+    for _ in range(OUTAGES_KEPT + 20):
+        rig.probe(ok=False, error=loss("probe"), fresh=False)
+        rig.probe()
+        rig.ready(rig.current())
+    status = rig.send(StatusRequest())
+    assert status["counters"]["recoveries"] == OUTAGES_KEPT + 20 and len(status["outages"]) == OUTAGES_KEPT

@@ -139,3 +139,33 @@ def test_short_chaos_run(seed: int) -> None:
     assert done.returncode == 0
     assert result["faults"] == len(make_schedule(seed, 14)) and result["ops"] > 100
     assert result["recoveries"] == result["generation"]
+
+
+def test_the_checker_keeps_counts_not_records() -> None:
+    from p11guard.testing._checker import MAX_VIOLATIONS, Checker
+
+    checker = Checker(None)
+    for seq in range(200_000):
+        checker.add(OpRecord(seq, "random", "ok"))
+    for seq in range(200_000, 200_100):
+        checker.add(OpRecord(seq, "random", "error", error="GuardFailed: x"))
+    checker.add(OpRecord(5, "random", "ok"))  # the same operation twice
+    assert checker.ops == 200_101 and checker.errors == 100
+    assert len(checker.violations) == MAX_VIOLATIONS and checker.more_violations == 51
+    assert len(checker._seen) < 30_000  # a bit per operation, not a record
+    assert checker.finish({"generation": 0, "counters": {"recoveries": 0}}, [], 0, "SERVING")[-1].startswith("...")
+
+
+def test_the_soak_slope_tells_growth_from_noise(tmp_path: Path) -> None:
+    import random
+
+    from p11guard.testing._soak import TOLERANCE_MIB_PER_MIN, growth, soak_verdict
+
+    rng = random.Random(3)
+    flat = [{"t": t, "supervisor_mib": 60 + rng.uniform(-2, 2)} for t in range(600)]
+    leak = [{"t": t, "supervisor_mib": 60 + 0.5 * t / 60 + rng.uniform(-2, 2)} for t in range(600)]
+    assert abs(growth(flat)) < TOLERANCE_MIB_PER_MIN
+    assert abs(growth(leak) - 0.5) < 0.1
+    problems, report = soak_verdict(leak, tmp_path, lambda text: None)
+    assert problems and "MiB/min" in problems[0] and report["slope_mib_per_min"] > 0.4
+    assert soak_verdict(flat, tmp_path, lambda text: None)[0] == []
