@@ -141,13 +141,13 @@ class Cipher:
         def make() -> list[Any]:
             handle = session.unwrapKey(key.handle, wrapped, template, mech)
             got = self.keys.describe(handle).key_type
-            if got != ktype:
+            if got != ktype and got not in ("aes", "hmac"):  # those: a token that does not say the length
                 session.destroyObject(handle)
                 raise Refusal("user", "unwrap_type_mismatch", f"the wrapped key is a {got} key, not {ktype}")
             return [handle]
 
         self._call(name, "wrap", lambda: self.maker.create(label, PyKCS11.CKO_SECRET_KEY, key_id, make), False)
-        return self.maker.made(label, ktype, key_id)
+        return self.maker.made(label, key_id)
 
     def op_derive(self, args: dict[str, Any]) -> dict[str, Any]:
         """ECDH of the private key ``key`` with ``peer`` (PEM, DER SPKI or the point) into a
@@ -173,4 +173,4 @@ class Cipher:
                 label, PyKCS11.CKO_SECRET_KEY, key_id, lambda: [session.deriveKey(key.handle, template, mech)]
             ),
         )
-        return self.maker.made(label, ktype, key_id)
+        return self.maker.made(label, key_id)

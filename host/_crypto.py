@@ -136,6 +136,7 @@ class Crypto:
     def op_sign(self, args: dict[str, Any]) -> bytes:
         data = arg(args, "data", bytes)
         name = self._name(args)
+        self.session.negotiated.plan(name, "sign")  # a mechanism the token lacks: refused first, named
         key = self._key(args, name, PyKCS11.CKO_SECRET_KEY if name.startswith("hmac-") else PyKCS11.CKO_PRIVATE_KEY)
         return self._run(name, key, False, lambda plan: self._sign(key, plan, self._payload(plan, data)))
 
@@ -157,6 +158,7 @@ class Crypto:
         if MECHANISMS[name].digest is None or name.startswith("hmac-"):
             raise BadRequest(f"mechanism {name!r} cannot sign a pre-computed digest (ECDSA and RSA can)")
         digest = self._digest_arg(args, name)
+        self.session.negotiated.plan(name, "sign", digest=True)
         key = self._key(args, name, PyKCS11.CKO_PRIVATE_KEY)
         return self._run(name, key, True, lambda plan: self._sign(key, plan, self._payload(plan, digest, True)))
 
@@ -165,6 +167,7 @@ class Crypto:
         name = self._name(args)
         prehashed = "digest" in args
         data = self._digest_arg(args, name) if prehashed else arg(args, "data", bytes)
+        self.session.negotiated.plan(name, "sign", digest=prehashed)
         key = self._key(args, name, PyKCS11.CKO_SECRET_KEY if name.startswith("hmac-") else PyKCS11.CKO_PUBLIC_KEY)
         if name.startswith("ecdsa-"):
             try:

@@ -146,12 +146,14 @@ class KeyMaker:
         self.create(
             label, PyKCS11.CKO_SECRET_KEY, key_id, lambda: [session.generateKey(template, PyKCS11.Mechanism(gen))]
         )
-        return self.made(label, ktype, key_id)
+        return self.made(label, key_id)
 
-    def made(self, label: str, ktype: str, key_id: bytes) -> dict[str, Any]:
+    def made(self, label: str, key_id: bytes) -> dict[str, Any]:
         """The answer of an op that made a secret key."""
-        fingerprint = self.keys.op_key_fingerprint({"key": label})["fingerprint"]
-        return {"label": label, "type": ktype, "id": key_id.hex(), "fingerprint": fingerprint}
+        made = self.keys.op_key_fingerprint({"key": label})
+        # The type the token reports: one that records no length (an unwrapped key on
+        # SoftHSM2) says "aes" or "hmac".
+        return {"label": label, "type": made["type"], "id": key_id.hex(), "fingerprint": made["fingerprint"]}
 
     def _no_twin(self, label: str, cls: int, key_id: bytes, made: list[Any]) -> None:
         """Another process made a key of this label at the same moment: destroy what was

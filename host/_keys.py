@@ -87,13 +87,13 @@ class Keys:
         ref = self.ref(name)
         found = self.objects(ref, cls)
         if not found:
-            labels = sorted({k["label"] for k in self.op_list_keys({})})
             what = f"labelled {ref.label!r}" if ref.key_id is None and ref.label == name else f"matching {name!r}"
-            raise Refusal(
-                "user",
-                "key_not_found",
-                f"no {CLASS_NAMES.get(cls, 'key')} {what}; labels: {labels or 'none'}",
-            )
+            others = [CLASS_NAMES[c] for c in CLASS_NAMES if c != cls and self.objects(ref, c)]
+            if others:
+                where = f" (it names a {', '.join(others)}: the mechanism needs a {CLASS_NAMES.get(cls, 'key')})"
+            else:
+                where = f"; labels: {sorted({k['label'] for k in self.op_list_keys({})}) or 'none'}"
+            raise Refusal("user", "key_not_found", f"no {CLASS_NAMES.get(cls, 'key')} {what}{where}")
         info = self.describe(found[0])
         self._cache[(name, cls)] = info
         return info
