@@ -117,7 +117,7 @@ class Negotiated:
     def __init__(self, available: dict[int, tuple[int, int, int]], token: dict[str, str], hint: str = "") -> None:
         self.available = available
         self.token = token
-        self.hint = hint  #: said after a refusal (p11-kit's RPC carries no mechanism parameters)
+        self.hint = hint  #: said with a refusal (p11-kit's RPC client lists and carries only some)
         self._refused: dict[tuple[str, int], str] = {}  # (name, ckm) -> the token's answer
         self._table = {name: self._entry(name) for name in MECHANISMS}
 
@@ -208,15 +208,15 @@ class Negotiated:
         refused = self._table[name].get("refused")
         why = (
             f"it refused {', '.join(f'{m} ({r})' for m, r in refused.items())} although it lists "
-            f"{'it' if len(refused) == 1 else 'them'}{self.hint}"
+            f"{'it' if len(refused) == 1 else 'them'}"
             if refused
             else f"it lists no {needs} with CKF_{use.upper()}"
         )
         return Refusal(
             "user",
             "mechanism_unsupported",
-            f"{self.token_text()} does not offer {name!r} for {verb}: {why}; what it offers for {verb} instead: "
-            f"{', '.join(offers) or 'nothing p11guard knows'}",
+            f"{self.token_text()} does not offer {name!r} for {verb}: {why}{self.hint}; "
+            f"what it offers for {verb} instead: {', '.join(offers) or 'nothing p11guard knows'}",
         )
 
     def check_generate(self, key_type: str, bits: int = 0) -> None:

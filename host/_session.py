@@ -139,7 +139,7 @@ class Session:
         if self.fast is not None and not self.fast.shares_state(self.session_value):
             self.fast = None
         self.sessions_opened += 1
-        hint = " (p11-kit's RPC, 0.24, carries no mechanism parameters: load the module in-process)"
+        hint = " (through p11-kit's RPC client, which lists and carries only the mechanisms it knows)"
         self.token_info = token
         self.negotiated = Negotiated(available, token, hint if "p11-kit" in self.module_path else "")
         return {
