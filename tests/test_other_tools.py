@@ -171,3 +171,30 @@ def test_loss_signals_seen_in_the_field_keep_their_kinds() -> None:
     assert ckr_kind(0x190) == "group_loss"  # CKR_CRYPTOKI_NOT_INITIALIZED after a long hang
     assert ckr_kind(0x06) == "internal"  # CKR_FUNCTION_FAILED: a dropped connection, for some modules
     assert ckr_kind(0x90) == "user"  # CKR_OPERATION_ACTIVE: the host renews its session first
+
+
+def test_the_guard_operations_on_each_token(token: Token) -> None:
+    import asyncio
+
+    config = Config.from_file(token.bed.direct_config_path).replace(workers=2)
+    with guard(config) as g:
+        (member,) = g.mechanisms()  # a group of one: its table, as the hosts negotiated it
+        assert g.mechanisms()[member]["mechanisms"] == token.table
+        uri = "pkcs11:object=m-rsa2048;type=private"
+        digest = hashlib.sha256(b"data").digest()
+        signature = g.sign_digest(uri, digest, "rsa-pkcs1-sha256")
+        assert g.verify("m-rsa2048", b"data", signature, "rsa-pkcs1-sha256")
+        assert g.verify_digest(
+            uri, digest, asyncio.run(g.asign_digest(uri, digest, "rsa-pss-sha256")), "rsa-pss-sha256"
+        )
+        assert g.key_info(uri)["label"] == "m-rsa2048"
+        suffix = os.urandom(4).hex()
+        g.generate_secret(f"g-target-{suffix}", "aes-128", extractable=True)
+        # the wrap each offers: AES key wrap on SoftHSM2 (its OAEP is SHA-1 only), RSA-OAEP on opencryptoki
+        aes_kw = token.offers("aes-key-wrap-pad", "wrap")
+        key, mech = ("m-kek", "aes-key-wrap-pad") if aes_kw else ("m-rsa2048", "rsa-oaep-sha256")
+        wrapped = g.wrap(key, f"g-target-{suffix}", mech)
+        made = g.unwrap(key, wrapped, f"g-copy-{suffix}", "aes-128", mech)
+        ct = g.encrypt(made["label"], b"via the guard", "aes-cbc-pad")
+        assert g.decrypt(f"g-target-{suffix}", ct, "aes-cbc-pad") == b"via the guard"
+        assert g.status()["counters"]["ops_failed"] == 0
