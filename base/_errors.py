@@ -27,6 +27,7 @@ __all__ = [
     "KeyChanged",
     "LabelAmbiguous",
     "LabelTaken",
+    "MechanismUnsupported",
     "ModuleLoadError",
     "OpTimeout",
     "OutOfService",
@@ -163,6 +164,11 @@ class LabelAmbiguous(UserError):
     """A label names more than one key of a class: refused for every operation."""
 
 
+class MechanismUnsupported(UserError):
+    """The token does not offer the mechanism (or refused it although it lists it): the
+    message names the token, the mechanism and what the token offers instead."""
+
+
 class RequestError(UserError):
     """The host could not understand the request (unknown op, wrong types, missing fields)."""
 
@@ -191,7 +197,11 @@ _KIND_CLASSES: dict[str, type[RemoteError]] = {
 }
 
 
-_NAME_CLASSES: dict[str, type[RemoteError]] = {"label_taken": LabelTaken, "label_ambiguous": LabelAmbiguous}
+_NAME_CLASSES: dict[str, type[RemoteError]] = {
+    "label_taken": LabelTaken,
+    "label_ambiguous": LabelAmbiguous,
+    "mechanism_unsupported": MechanismUnsupported,
+}
 
 
 def remote_error(err: dict[str, Any], *, op: str | None, pid: int | None, generation: int | None) -> RemoteError:

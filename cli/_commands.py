@@ -10,7 +10,7 @@ from typing import Any
 
 from p11guard.base import Config
 from p11guard.cli._paths import UsageError, check_output
-from p11guard.protocol import KEY_TYPES
+from p11guard.protocol import KEY_TYPES, SECRET_TYPES, mechanisms_for
 
 __all__ = ["add_commands"]
 
@@ -41,8 +41,8 @@ def _keys(opts: argparse.Namespace) -> int:
 def _keygen(opts: argparse.Namespace) -> int:
     from p11guard._guard import Guard
 
-    if opts.type not in KEY_TYPES:
-        raise UsageError(f"--type {opts.type!r}: unknown; known: {', '.join(KEY_TYPES)}")
+    if opts.type not in KEY_TYPES + SECRET_TYPES:
+        raise UsageError(f"--type {opts.type!r}: unknown; known: {', '.join(KEY_TYPES + SECRET_TYPES)}")
     with Guard(_config(opts, workers=1)) as g:
         existing = {k["label"]: k for k in g.list_keys()}
         if opts.label in existing:
@@ -53,7 +53,10 @@ def _keygen(opts: argparse.Namespace) -> int:
                 raise UsageError(f"--label {opts.label!r} exists with type {have}, not {opts.type}")
             print(f"{opts.label} exists ({have}); nothing to do")
             return EXIT_OK
-        g.generate_key_pair(opts.label, opts.type)
+        if opts.type in SECRET_TYPES:
+            g.generate_secret(opts.label, opts.type)
+        else:
+            g.generate_key_pair(opts.label, opts.type)
     print(f"{opts.label} generated ({opts.type})")
     return EXIT_OK
 
@@ -87,8 +90,11 @@ def _sign(opts: argparse.Namespace) -> int:
         opts.quiet,
         resign_changed=opts.resign_changed,
         timeline_path=Path(opts.timeline) if opts.timeline else None,
+        digest=opts.digest,
     )
     print(report.summary())
+    if report.stopped:
+        print(f"p11guard: {report.stopped}", file=sys.stderr)
     if report.changed:
         print(report.changed_line(), file=sys.stderr)
     return EXIT_OK if report.ok else EXIT_FAILED
@@ -126,9 +132,9 @@ def add_commands(sub: Any) -> None:
     p = with_config(sub.add_parser("keys", help="list key labels and types on the token"))
     p.set_defaults(func=_keys)
 
-    p = with_config(sub.add_parser("keygen", help="generate a key pair"))
+    p = with_config(sub.add_parser("keygen", help="generate a key pair or a secret key"))
     p.add_argument("--label", required=True)
-    p.add_argument("--type", required=True, help=" | ".join(KEY_TYPES))
+    p.add_argument("--type", required=True, help=" | ".join(KEY_TYPES + SECRET_TYPES))
     p.add_argument("--exist-ok", action="store_true", help="an existing label of that type is fine")
     p.set_defaults(func=_keygen)
 
@@ -142,7 +148,7 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=_status)
 
     p = with_config(sub.add_parser("pubkey", help="print a public key as PEM"))
-    p.add_argument("--key", required=True)
+    p.add_argument("--key", required=True, help="its label, or a PKCS#11 URI")
     p.add_argument("--out", help="write the PEM here instead of stdout")
     p.set_defaults(func=_pubkey)
 
@@ -155,10 +161,15 @@ def add_commands(sub: Any) -> None:
             "changed since they were signed are reported (exit 1) unless --resign-changed.",
         )
     )
-    p.add_argument("--key", required=True, help="label of the private key")
+    p.add_argument("--key", required=True, help="the signing key: its label, or a PKCS#11 URI (pkcs11:object=...)")
     p.add_argument("--in", dest="input", required=True, metavar="PATH", help="directory or file")
     p.add_argument("--out", required=True, metavar="OUT.jsonl", help="signatures, one JSON object per line")
-    p.add_argument("--mechanism", help="default from the key type")
+    p.add_argument("--mechanism", help="default from the key type: " + ", ".join(mechanisms_for("sign")))
+    p.add_argument(
+        "--digest",
+        action="store_true",
+        help="each record is a hex digest (sha256sum's first word) of the mechanism's hash: sign it as such",
+    )
     p.add_argument("--report", metavar="R.json", help="write the summary as JSON")
     p.add_argument(
         "--timeline",

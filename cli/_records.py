@@ -9,7 +9,8 @@ with a reason, never read; symbolic links are not records. A record larger than
 The signature file holds one JSON object per line: ``id``, ``sha256``, ``signature``,
 ``key``, ``mechanism``, ``key_sha256`` (the SHA-256 of the key's SubjectPublicKeyInfo,
 absent for a key without a public key), and ``replaces`` (the line number of the
-signature it supersedes, only on a re-signed record).
+signature it supersedes, only on a re-signed record) and ``input``: ``"digest"`` when the
+record is a digest signed with ``--digest`` (absent: the record's bytes were signed).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "check_source",
     "count_records",
     "iter_records",
+    "parse_digest",
     "parse_entry",
     "signature_line",
 ]
@@ -146,8 +148,10 @@ def signature_line(
     mechanism: str,
     key_sha256: str | None,
     replaces: int | None = None,
+    digest: bool = False,
 ) -> bytes:
-    """One line of the signature file, with its newline."""
+    """One line of the signature file, with its newline (``digest``: the record is the
+    digest that was signed, marked ``"input": "digest"``)."""
     entry: dict[str, Any] = {
         "id": record_id,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -159,6 +163,8 @@ def signature_line(
         entry["key_sha256"] = key_sha256
     if replaces is not None:
         entry["replaces"] = replaces
+    if digest:
+        entry["input"] = "digest"
     return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
 
 
@@ -185,4 +191,19 @@ def parse_entry(line: bytes) -> tuple[dict[str, Any] | None, str]:
     replaces = entry.get("replaces")
     if replaces is not None and (isinstance(replaces, bool) or not isinstance(replaces, int) or replaces < 1):
         return None, '"replaces" is not a line number'
+    if entry.get("input", "data") not in ("data", "digest"):
+        return None, '"input" is neither "data" nor "digest"'
     return entry, ""
+
+
+def parse_digest(data: bytes, size: int) -> bytes | None:
+    """The digest a ``--digest`` record holds: hex, the first word of the record (as
+    ``sha256sum`` prints it), of ``size`` bytes; ``None`` if it holds no such digest."""
+    words = data.split(None, 1)
+    text = words[0] if words else b""
+    if len(text) != 2 * size:
+        return None
+    try:
+        return bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None

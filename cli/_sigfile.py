@@ -58,7 +58,7 @@ class SignatureFile:
         self.line_ids = line_ids
         self.lines = 0  #: good lines in the file
         self.torn = False
-        self.first: tuple[str, str, str | None] | None = None  #: key, mechanism, key_sha256
+        self.first: tuple[str, str, str | None, str] | None = None  #: key, mechanism, key_sha256, input
         self._good_size = 0
         self._line_of: array[int] | None = None  # file inputs: line number per record, 0 = none
         self._offset_of: array[int] | None = None  # ... and where that line starts
@@ -113,7 +113,7 @@ class SignatureFile:
                 raise self._bad(n, f"id {rid} is not a line of --in {self.source} (it has {self.records} lines)")
         elif not rid or rid.startswith("/") or "\0" in rid or {"", ".", ".."} & set(rid.split("/")):
             raise self._bad(n, f"id {_short(rid)} is not a path inside --in {self.source}")
-        signer = (entry["key"], entry["mechanism"], entry.get("key_sha256"))
+        signer = (entry["key"], entry["mechanism"], entry.get("key_sha256"), entry.get("input", "data"))
         if self.first is None:
             self.first = signer
         elif signer != self.first:
@@ -162,15 +162,21 @@ class SignatureFile:
         entry = json.loads(self._reader.readline(MAX_SIGNATURE_LINE + 1))
         return str(entry["sha256"])
 
-    def check_signer(self, key: str, mechanism: str, key_sha256: str | None) -> None:
-        """Refuse to append signatures by another key, mechanism or key fingerprint."""
+    def check_signer(self, key: str, mechanism: str, key_sha256: str | None, input: str = "data") -> None:
+        """Refuse to append signatures by another key, mechanism or key fingerprint, or of
+        another input (records, or digests with ``--digest``)."""
         if self.first is None:
             return
-        old_key, old_mech, old_fp = self.first
+        old_key, old_mech, old_fp, old_input = self.first
         if (old_key, old_mech) != (key, mechanism):
             raise UsageError(
                 f"--out {self.path} holds signatures by key {old_key!r} with {old_mech!r}, "
                 f"not {key!r} with {mechanism!r}: choose another --out"
+            )
+        if old_input != input:
+            raise UsageError(
+                f"--out {self.path} holds signatures of {_INPUTS[old_input]}, not of {_INPUTS[input]}: "
+                f"{'add' if old_input == 'digest' else 'leave out'} --digest, or choose another --out"
             )
         if old_fp != key_sha256:
             raise UsageError(
@@ -193,6 +199,10 @@ class SignatureFile:
             self._reader = None
 
 
-def _signer(signer: tuple[str, str, str | None]) -> str:
-    key, mechanism, fingerprint = signer
-    return f"key {key!r} with {mechanism!r} (fingerprint {fingerprint or 'none'})"
+_INPUTS = {"data": "records", "digest": "digests (--digest)"}
+
+
+def _signer(signer: tuple[str, str, str | None, str]) -> str:
+    key, mechanism, fingerprint, input = signer
+    over = " over digests" if input == "digest" else ""
+    return f"key {key!r} with {mechanism!r}{over} (fingerprint {fingerprint or 'none'})"

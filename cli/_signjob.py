@@ -10,6 +10,12 @@ A record changed since it was signed is reported and not skipped silently; with
 ``resign_changed`` it is signed again on a new line naming the line it ``replaces``.
 Batches hold at most ``workers.batch_size`` records and ``BATCH_BYTES``; a record
 larger than ``MAX_RECORD`` fails alone, unread (see :mod:`p11guard.cli._records`).
+
+A systematic error stops the run early: when the first :data:`STOP_AFTER` records tried
+all fail with one user error (an unknown key, a mechanism the token lacks, a mechanism
+that does not fit the key), the rest would too -- the run stops with one message, writes
+nothing for them, and a re-run after the fix resumes. With ``digest`` each record is a
+hex digest (``sha256sum``'s first word) and is signed as such (``sign_digest``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from p11guard._guard import Guard
-from p11guard.base import Config, GuardClosed, GuardFailed
+from p11guard.base import Config, GuardClosed, GuardFailed, RemoteError
 from p11guard.cli._keyinfo import key_fingerprint, resolve_key
 from p11guard.cli._paths import check_distinct, check_output
 from p11guard.cli._progress import make_progress
@@ -35,16 +41,24 @@ from p11guard.cli._records import (
     check_source,
     count_records,
     iter_records,
+    parse_digest,
     signature_line,
 )
 from p11guard.cli._sigfile import SignatureFile
 from p11guard.cli._signreport import SignReport
 from p11guard.cli._timeline import Timeline, render, require_matplotlib
+from p11guard.protocol import DIGEST_SIZES, MECHANISMS
 
-__all__ = ["SignReport", "resolve_key", "run_sign"]
+__all__ = ["STOP_AFTER", "SignReport", "resolve_key", "run_sign"]
 
 #: At most this much record data in flight (batches submitted, not yet written).
 WINDOW_BYTES = 64 * 1024 * 1024
+#: The run stops when this many records, the first tried, all fail with one user error.
+STOP_AFTER = 8
+
+
+class _Systematic(Exception):
+    """The first records all failed alike: the run stops (the message says why and what to do)."""
 
 
 def _outage_s(status: dict[str, Any], since: float) -> float:
@@ -74,6 +88,7 @@ def run_sign(
     stream: TextIO | None = None,
     resign_changed: bool = False,
     timeline_path: Path | None = None,
+    digest: bool = False,
 ) -> SignReport:
     """Sign every record of ``source`` not yet in ``out``. Raises :class:`UsageError`
     (and other :class:`P11GuardError`) before signing or writing anything if an input,
@@ -92,12 +107,12 @@ def run_sign(
     sigfile.load()
     try:
         with Guard(config) as guard:
-            key_type, mech = resolve_key(guard, key, mechanism)
+            key_type, mech = resolve_key(guard, key, mechanism, digest)
             fingerprint = key_fingerprint(guard, key, key_type)
-            sigfile.check_signer(key, mech, fingerprint)
+            sigfile.check_signer(key, mech, fingerprint, "digest" if digest else "data")
             progress = make_progress(report.records, f"signing with {key}", quiet, stream)
             timeline = Timeline(guard) if timeline_path is not None else None
-            job = _Job(guard, config, key, mech, fingerprint, report, progress.update, timeline)
+            job = _Job(guard, config, key, mech, fingerprint, report, progress.update, timeline, digest)
             try:
                 with sigfile.open_for_append() as fh:
                     job.run(_todo(iter_records(source), sigfile, report, resign_changed), fh)
@@ -172,8 +187,12 @@ class _Job:
         report: SignReport,
         update: Callable[[int, str, int], None],
         timeline: Timeline | None = None,
+        digest: bool = False,
     ) -> None:
         self.guard, self.key, self.mech, self.fingerprint = guard, key, mech, fingerprint
+        self.digest = digest
+        self.digest_name = MECHANISMS[mech].digest or "sha256"
+        self.streak: tuple[str, int] | None = ("", 0)  # (error name, count) of the first tries; None: broken
         self.report, self.update, self.timeline = report, update, timeline
         self.batch_size = config.batch_size
         self.max_window = max(4, config.workers * 4)  # enough to keep every worker busy
@@ -185,6 +204,35 @@ class _Job:
         self.report.failed += 1
         self.report.failures.append({"id": record.id, "reason": reason})
 
+    def _item(self, record: Record) -> tuple[str, dict[str, Any]] | None:
+        """The request for a record (``None``: a ``--digest`` record that holds no digest)."""
+        assert record.data is not None
+        if not self.digest:
+            return ("sign", {"key": self.key, "data": record.data, "mechanism": self.mech})
+        size = DIGEST_SIZES[self.digest_name]
+        value = parse_digest(record.data, size)
+        if value is None:
+            self.fail(record, f"not a {self.digest_name.upper()} digest: --digest records are {2 * size} hex digits")
+            return None
+        return ("sign_digest", {"key": self.key, "digest": value, "mechanism": self.mech})
+
+    def _tried(self, error: BaseException | None) -> None:
+        """Count a record tried: the first ones all failing with one user error stop the run."""
+        if self.streak is None:
+            return
+        name = error.name if isinstance(error, RemoteError) and error.kind == "user" else None
+        if name is None or self.streak[0] not in ("", name):
+            self.streak = None
+            return
+        self.streak = (name, self.streak[1] + 1)
+        if self.streak[1] >= STOP_AFTER:
+            assert isinstance(error, RemoteError)
+            raise _Systematic(
+                f"stopped: the first {STOP_AFTER} records tried all failed with {name}: {error.message}. "
+                "The rest would fail alike: they were not signed and nothing was written for them; "
+                "fix the cause (the key, --mechanism or the token), then run the same command again: it resumes"
+            )
+
     def _tick(self) -> None:
         self.update(self.report.signed + self.report.skipped, _state_text(self.guard), self.guard.recoveries)
 
@@ -192,15 +240,15 @@ class _Job:
         batches = _batches(todo, self.batch_size)
         try:
             for batch in batches:
-                readable = []
+                readable, items = [], []
                 for record in batch:
                     if record.error is not None or record.data is None:
                         self.fail(record, record.error or "not read")
-                    else:
+                    elif (item := self._item(record)) is not None:
                         readable.append(record)
+                        items.append(item)
                 if not readable:
                     continue
-                items = [("sign", {"key": self.key, "data": r.data, "mechanism": self.mech}) for r in readable]
                 self.window.append((readable, self.guard.submit_batch(items)))
                 self.in_flight += sum(len(r.data or b"") for r in readable)
                 while self.window and (
@@ -209,6 +257,11 @@ class _Job:
                     self._write_head(fh)
             while self.window:
                 self._write_head(fh)
+        except _Systematic as stop:
+            # What is in flight completes in the guard unwritten; nothing more is sent.
+            self.report.stopped = str(stop)
+            done = self.report.signed + self.report.skipped + self.report.failed + self.report.changed
+            self.report.not_tried = max(0, self.report.records - done)
         except (GuardFailed, GuardClosed) as exc:
             # Nothing more can be signed in this run: every record not signed is failed,
             # with the reason; a re-run (after fixing the cause) resumes.
@@ -242,10 +295,14 @@ class _Job:
         for record, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
                 self.fail(record, str(result))
+                self._tried(result)
                 continue
+            self._tried(None)
             assert record.data is not None
             lines.append(
-                signature_line(record.id, record.data, result, self.key, self.mech, self.fingerprint, record.replaces)
+                signature_line(
+                    record.id, record.data, result, self.key, self.mech, self.fingerprint, record.replaces, self.digest
+                )
             )
             self.report.signed += 1
             self.report.resigned += record.replaces is not None

@@ -34,21 +34,29 @@ class SignReport:
     stalls: list[dict[str, float]] = field(default_factory=list)
     #: With ``--timeline``: signatures per second and state changes (see ``_timeline``).
     timeline: dict[str, Any] | None = None
+    #: Why the run stopped early (the first records all failed with one error), if it did.
+    stopped: str | None = None
+    #: Records not tried because the run stopped early.
+    not_tried: int = 0
 
     @property
     def ok(self) -> bool:
         """Every record signed, none failed, none changed since it was signed."""
-        return self.failed == 0 and self.changed == 0
+        return self.failed == 0 and self.changed == 0 and not self.stopped
 
     def summary(self) -> str:
         resigned = f" ({self.resigned} re-signed after a change)" if self.resigned else ""
         changed = f", changed {self.changed} (not re-signed)" if self.changed else ""
+        not_tried = f", not tried {self.not_tried} (stopped early)" if self.stopped else ""
         lines = [
             f"records {self.records}, signed {self.signed}{resigned}, skipped {self.skipped} (already signed), "
-            f"failed {self.failed}{changed}",
+            f"failed {self.failed}{changed}{not_tried}",
             f"recoveries {self.recoveries}, outage {self.outage_s:.1f} s, "
             f"elapsed {self.elapsed_s:.1f} s, {self.ops_per_s:,.0f} signatures/s",
         ]
+        if self.stopped:  # one message, not the same failure once per record
+            lines.append(f"  {self.stopped}")
+            return "\n".join(lines)
         for failure in self.failures[:SHOWN]:
             lines.append(f"  failed {failure['id']}: {failure['reason']}")
         if len(self.failures) > SHOWN:

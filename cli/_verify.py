@@ -18,27 +18,45 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from p11guard.cli._keyinfo import pem_fingerprint
 from p11guard.cli._paths import UsageError, check_input_file, check_source, open_regular
-from p11guard.cli._records import iter_records, parse_entry
+from p11guard.cli._records import iter_records, parse_digest, parse_entry
 from p11guard.cli._sigfile import MAX_SIGNATURE_LINE
+from p11guard.protocol import DIGEST_SIZES, MECHANISMS
 
 __all__ = ["VerifyReport", "run_verify", "verify_signature"]
 
 
-def verify_signature(public_key: Any, mechanism: str, signature: bytes, data: bytes) -> bool:
-    """``True`` if ``signature`` over ``data`` is valid for ``public_key`` and ``mechanism``."""
+_HASHES: dict[str, hashes.HashAlgorithm] = {
+    "sha256": hashes.SHA256(),
+    "sha384": hashes.SHA384(),
+    "sha512": hashes.SHA512(),
+}
+
+
+def verify_signature(public_key: Any, mechanism: str, signature: bytes, data: bytes, digest: bool = False) -> bool:
+    """``True`` if ``signature`` over ``data`` is valid for ``public_key`` and ``mechanism``
+    (``digest``: ``data`` is the digest that was signed, as with ``sign --digest``)."""
+    spec = MECHANISMS.get(mechanism)
+    if spec is None or "sign" not in spec.uses:
+        return False
+    algorithm: Any = _HASHES[spec.digest] if spec.digest else None
+    if digest:
+        if algorithm is None or len(data) != algorithm.digest_size:
+            return False
+        algorithm = Prehashed(algorithm)
     try:
-        if mechanism in ("ecdsa-sha256", "ecdsa-sha384") and isinstance(public_key, ec.EllipticCurvePublicKey):
-            digest = hashes.SHA256() if mechanism == "ecdsa-sha256" else hashes.SHA384()
-            public_key.verify(signature, data, ec.ECDSA(digest))
-        elif mechanism == "rsa-pkcs1-sha256" and isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
-        elif mechanism == "rsa-pss-sha256" and isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(signature, data, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
-        elif mechanism == "ed25519" and isinstance(public_key, ed25519.Ed25519PublicKey):
+        if mechanism.startswith("ecdsa-") and isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, data, ec.ECDSA(algorithm))
+        elif mechanism.startswith("rsa-pkcs1-") and isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(signature, data, padding.PKCS1v15(), algorithm)
+        elif mechanism.startswith("rsa-pss-") and isinstance(public_key, rsa.RSAPublicKey):
+            salt = DIGEST_SIZES[str(spec.digest)]
+            public_key.verify(signature, data, padding.PSS(padding.MGF1(_HASHES[str(spec.digest)]), salt), algorithm)
+        elif mechanism == "ed25519" and isinstance(public_key, ed25519.Ed25519PublicKey) and not digest:
             public_key.verify(signature, data)
         else:
             return False  # the mechanism does not fit the key
@@ -160,7 +178,12 @@ def run_verify(source: Path, sigs: Path, pubkey: Path) -> VerifyReport:
                 report.wrong_key.append(record.id)
                 continue
             signature = base64.b64decode(entry["signature"], validate=True)
-            if verify_signature(public_key, entry["mechanism"], signature, record.data):
+            signed = record.data
+            if entry.get("input") == "digest":
+                spec = MECHANISMS.get(entry["mechanism"])
+                size = DIGEST_SIZES.get(str(spec.digest if spec is not None else None), 0)
+                signed = parse_digest(record.data, size) or b""
+            if verify_signature(public_key, entry["mechanism"], signature, signed, entry.get("input") == "digest"):
                 good += 1
             else:
                 report.invalid.append(record.id)

@@ -1,22 +1,27 @@
-"""The crypto operations: sign, verify, encrypt, decrypt, digest, random."""
+"""Signing and hashing: sign, sign_digest, verify, digest, random, by the negotiated mechanisms."""
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import PyKCS11
 
 from p11guard.host._args import BadRequest, Refusal, arg
-from p11guard.host._der import DerError, ecdsa_der_to_raw, ecdsa_raw_to_der
+from p11guard.host._der import DerError, digest_info, ecdsa_der_to_raw, ecdsa_raw_to_der
 from p11guard.host._keys import KeyInfo, Keys
+from p11guard.host._mechs import HASH_CKM, MGF, Plan
 from p11guard.host._session import Session
-from p11guard.protocol import MECHANISMS
+from p11guard.protocol import DIGEST_SIZES, MECHANISMS
 
 __all__ = ["Crypto", "sha2"]
 
+T = TypeVar("T")
 _MAX_RANDOM = 1024 * 1024
-_DIGESTS = {"sha256": PyKCS11.CKM_SHA256, "sha384": PyKCS11.CKM_SHA384, "sha512": PyKCS11.CKM_SHA512}
+#: Mechanisms whose PyKCS11 form carries parameters: not for the ctypes fast path.
+_WITH_PARAMS = frozenset(
+    {PyKCS11.CKM_RSA_PKCS_PSS} | {getattr(PyKCS11, f"CKM_SHA{n}_RSA_PKCS_PSS") for n in (256, 384, 512)}
+)
 
 
 def sha2(name: str, data: bytes) -> bytes:
@@ -44,132 +49,161 @@ class Crypto:
         self.session = session
         self.keys = keys
 
-    def _mechanism(self, name: str, key: KeyInfo, data: bytes) -> tuple[Any, bytes, bool]:
-        """Returns (PyKCS11 mechanism, data to pass, ECDSA-DER?) for a signing mechanism."""
-        kinds = MECHANISMS.get(name)
-        if kinds is None:
-            raise BadRequest(f"unknown mechanism {name!r} (known: {', '.join(sorted(MECHANISMS))})")
-        if key.key_type not in kinds:
+    @staticmethod
+    def _name(args: dict[str, Any], default: str = "ecdsa-sha256") -> str:
+        name: str = arg(args, "mechanism", str, default)
+        if name not in MECHANISMS:
+            raise BadRequest(f"unknown mechanism {name!r} (known: {', '.join(MECHANISMS)})")
+        return name
+
+    def _key(self, args: dict[str, Any], name: str, cls: int) -> KeyInfo:
+        """The key named in ``args``, checked to fit mechanism ``name``."""
+        key = self.keys.find(arg(args, "key", str), cls)
+        fits = MECHANISMS[name]
+        if key.key_type not in fits:
             raise Refusal(
                 "user",
                 "mechanism_mismatch",
-                f"mechanism {name!r} does not fit a {key.key_type} key (fits: {', '.join(sorted(kinds))})",
+                f"mechanism {name!r} does not fit a {key.key_type} key (fits: {', '.join(sorted(fits))})",
             )
-        if name.startswith("ecdsa-"):
-            combined = PyKCS11.CKM_ECDSA_SHA256 if name == "ecdsa-sha256" else PyKCS11.CKM_ECDSA_SHA384
-            if combined in self.session.mechanisms:
-                return PyKCS11.Mechanism(combined), data, True
-            return PyKCS11.Mechanism(PyKCS11.CKM_ECDSA), sha2(name[6:], data), True
-        if name == "rsa-pkcs1-sha256":
-            return PyKCS11.Mechanism(PyKCS11.CKM_SHA256_RSA_PKCS), data, False
-        if name == "rsa-pss-sha256":
-            mech = PyKCS11.RSA_PSS_Mechanism(
-                PyKCS11.CKM_SHA256_RSA_PKCS_PSS, PyKCS11.CKM_SHA256, PyKCS11.CKG_MGF1_SHA256, 32
+        return key
+
+    def _plan(self, name: str, key: KeyInfo, *, digest: bool = False) -> Plan:
+        plan = self.session.negotiated.plan(name, "sign", digest=digest)
+        if key.bits and plan.max_size and not plan.min_size <= key.bits <= plan.max_size:
+            raise Refusal(
+                "user",
+                "key_size_unsupported",
+                f"the token does {name!r} with keys of {plan.min_size} to {plan.max_size} bits; "
+                f"this {key.key_type} key has {key.bits}",
             )
-            return mech, data, False
-        if name == "ed25519":
-            return PyKCS11.EDDSA_Mechanism(), data, False
-        if name == "hmac-sha256":
-            return PyKCS11.Mechanism(PyKCS11.CKM_SHA256_HMAC), data, False
-        raise BadRequest(f"mechanism {name!r} cannot sign")
+        return plan
 
     @staticmethod
-    def _mechanism_name(args: dict[str, Any], default: str) -> str:
-        name: str = arg(args, "mechanism", str, default)
-        if name not in MECHANISMS:
-            raise BadRequest(f"unknown mechanism {name!r} (known: {', '.join(sorted(MECHANISMS))})")
-        return name
+    def _mechanism(plan: Plan) -> Any:
+        digest = MECHANISMS[plan.name].digest
+        if plan.ckm in _WITH_PARAMS:
+            assert digest is not None
+            return PyKCS11.RSA_PSS_Mechanism(plan.ckm, HASH_CKM[digest], MGF[digest], DIGEST_SIZES[digest])
+        return PyKCS11.Mechanism(plan.ckm)
 
-    def op_sign(self, args: dict[str, Any]) -> bytes:
-        label = arg(args, "key", str)
-        data = arg(args, "data", bytes)
-        name = self._mechanism_name(args, "ecdsa-sha256")
-        cls = PyKCS11.CKO_SECRET_KEY if name == "hmac-sha256" else PyKCS11.CKO_PRIVATE_KEY
-        key = self.keys.find(label, cls)
-        mech, payload, der = self._mechanism(name, key, data)
-        ckm = int(mech.to_native().mechanism)
+    @staticmethod
+    def _payload(plan: Plan, data: bytes, prehashed: bool = False) -> bytes:
+        """What the token signs: the data, its digest (a raw mechanism), or a DER DigestInfo
+        of it (raw RSA PKCS#1 v1.5)."""
+        digest_name = MECHANISMS[plan.name].digest
+        if not prehashed and plan.prehash is None:
+            return data
+        assert digest_name is not None
+        digest = data if prehashed else sha2(digest_name, data)
+        return digest_info(digest_name, digest) if plan.ckm == PyKCS11.CKM_RSA_PKCS else digest
+
+    def _sign(self, key: KeyInfo, plan: Plan, payload: bytes) -> bytes:
+        size = DIGEST_SIZES[plan.name[5:]] if plan.name.startswith("hmac-") else key.sig_size
         fast = self.session.fast
-        if fast is not None and name != "rsa-pss-sha256":
+        raw: bytes
+        if fast is not None and plan.ckm not in _WITH_PARAMS:
             # Two module calls, not three: the buffer is sized from the key, no size query.
-            rv, raw = fast.sign(self.session.session_value, ckm, key.value, payload, key.sig_size)
+            rv, raw = fast.sign(self.session.session_value, plan.ckm, key.value, payload, size)
             if rv:
                 raise PyKCS11.PyKCS11Error(rv)
-            return ecdsa_raw_to_der(raw) if der else raw
-        session = self.session.require()
-        low, h = session.lib, session.session
-        rv = low.C_SignInit(h, mech.to_native(), key.handle)
-        if rv != PyKCS11.CKR_OK:
-            raise PyKCS11.PyKCS11Error(rv)
-        signature = PyKCS11.ckbytelist([0] * key.sig_size)
-        rv = low.C_Sign(h, PyKCS11.ckbytelist(payload), signature)
-        if rv != PyKCS11.CKR_OK:
-            raise PyKCS11.PyKCS11Error(rv)
-        raw = bytes(signature)
-        return ecdsa_raw_to_der(raw) if der else raw
+        else:
+            session = self.session.require()
+            low, h = session.lib, session.session
+            mech = self._mechanism(plan)  # held: its parameters must outlive the call
+            rv = low.C_SignInit(h, mech.to_native(), key.handle)
+            if rv != PyKCS11.CKR_OK:
+                raise PyKCS11.PyKCS11Error(rv)
+            signature = PyKCS11.ckbytelist([0] * size)
+            rv = low.C_Sign(h, PyKCS11.ckbytelist(payload), signature)
+            if rv != PyKCS11.CKR_OK:
+                raise PyKCS11.PyKCS11Error(rv)
+            raw = bytes(signature)
+        return ecdsa_raw_to_der(raw) if plan.name.startswith("ecdsa-") else raw
+
+    def _run(self, name: str, key: KeyInfo, digest: bool, run: Callable[[Plan], T], learn: bool = True) -> T:
+        """``run`` by the negotiated plan; if the token refuses a mechanism it listed, the
+        session's table learns it and the next plan is tried (the raw mechanism with the
+        hash in the host, or a refusal that names the token and what it offers)."""
+        while True:
+            plan = self._plan(name, key, digest=digest)
+            try:
+                return run(plan)
+            except PyKCS11.PyKCS11Error as exc:
+                if not self.session.negotiated.refused(plan, exc.value, learn and plan.ckm in _WITH_PARAMS):
+                    raise
+
+    def op_sign(self, args: dict[str, Any]) -> bytes:
+        data = arg(args, "data", bytes)
+        name = self._name(args)
+        self.session.negotiated.plan(name, "sign")  # a mechanism the token lacks: refused first, named
+        key = self._key(args, name, PyKCS11.CKO_SECRET_KEY if name.startswith("hmac-") else PyKCS11.CKO_PRIVATE_KEY)
+        return self._run(name, key, False, lambda plan: self._sign(key, plan, self._payload(plan, data)))
+
+    def _digest_arg(self, args: dict[str, Any], name: str) -> bytes:
+        digest: bytes = arg(args, "digest", bytes)
+        want = MECHANISMS[name].digest
+        if want is not None and len(digest) != DIGEST_SIZES[want]:
+            raise Refusal(
+                "user",
+                "digest_length",
+                f"{name!r} signs a {want.upper()} digest of {DIGEST_SIZES[want]} bytes, not {len(digest)} bytes",
+            )
+        return digest
+
+    def op_sign_digest(self, args: dict[str, Any]) -> bytes:
+        """Sign a digest computed elsewhere (ECDSA, RSA PKCS#1 v1.5, RSA-PSS): the token's
+        raw mechanism; the digest's algorithm is the mechanism's and its length is checked."""
+        name = self._name(args)
+        if MECHANISMS[name].digest is None or name.startswith("hmac-"):
+            raise BadRequest(f"mechanism {name!r} cannot sign a pre-computed digest (ECDSA and RSA can)")
+        digest = self._digest_arg(args, name)
+        self.session.negotiated.plan(name, "sign", digest=True)
+        key = self._key(args, name, PyKCS11.CKO_PRIVATE_KEY)
+        return self._run(name, key, True, lambda plan: self._sign(key, plan, self._payload(plan, digest, True)))
 
     def op_verify(self, args: dict[str, Any]) -> bool:
-        label = arg(args, "key", str)
-        data = arg(args, "data", bytes)
         signature = arg(args, "signature", bytes)
-        name = self._mechanism_name(args, "ecdsa-sha256")
-        cls = PyKCS11.CKO_SECRET_KEY if name == "hmac-sha256" else PyKCS11.CKO_PUBLIC_KEY
-        key = self.keys.find(label, cls)
-        mech, payload, der = self._mechanism(name, key, data)
-        if der:
+        name = self._name(args)
+        prehashed = "digest" in args
+        data = self._digest_arg(args, name) if prehashed else arg(args, "data", bytes)
+        self.session.negotiated.plan(name, "sign", digest=prehashed)
+        key = self._key(args, name, PyKCS11.CKO_SECRET_KEY if name.startswith("hmac-") else PyKCS11.CKO_PUBLIC_KEY)
+        if name.startswith("ecdsa-"):
             try:
                 signature = ecdsa_der_to_raw(signature, key.sig_size)
             except DerError:
                 return False
-        try:
-            return bool(self.session.require().verify(key.handle, payload, signature, mech))
-        except PyKCS11.PyKCS11Error as exc:
-            if exc.value == PyKCS11.CKR_SIGNATURE_LEN_RANGE:
-                return False
-            raise
 
-    def _aes_key(self, args: dict[str, Any], verb: str) -> KeyInfo:
-        name = arg(args, "mechanism", str, "aes-gcm")
-        if name != "aes-gcm":
-            raise BadRequest(f"mechanism {name!r} cannot {verb} (known: aes-gcm)")
-        key = self.keys.find(arg(args, "key", str), PyKCS11.CKO_SECRET_KEY)
-        if key.key_type != "aes-256":
-            raise Refusal("user", "mechanism_mismatch", f"aes-gcm does not fit a {key.key_type} key")
-        return key
+        def verify(plan: Plan) -> bool:
+            payload = self._payload(plan, data, prehashed)
+            try:
+                return bool(self.session.require().verify(key.handle, payload, signature, self._mechanism(plan)))
+            except PyKCS11.PyKCS11Error as exc:
+                if exc.value == PyKCS11.CKR_SIGNATURE_LEN_RANGE:
+                    return False
+                raise
 
-    @staticmethod
-    def _gcm(args: dict[str, Any], iv: bytes) -> Any:
-        return PyKCS11.AES_GCM_Mechanism(iv, arg(args, "aad", bytes, b""), 128)
+        return self._run(name, key, prehashed, verify, learn=False)
 
-    def op_encrypt(self, args: dict[str, Any]) -> bytes:
-        data = arg(args, "data", bytes)
-        key = self._aes_key(args, "encrypt")
-        iv = os.urandom(12)
-        return iv + bytes(self.session.require().encrypt(key.handle, data, self._gcm(args, iv)))
-
-    def op_decrypt(self, args: dict[str, Any]) -> bytes:
-        data = arg(args, "data", bytes)
-        if len(data) < 12 + 16:
-            raise Refusal("user", "data_len_range", "aes-gcm data must hold a 12-byte IV and a tag")
-        key = self._aes_key(args, "decrypt")
-        try:
-            return bytes(self.session.require().decrypt(key.handle, data[12:], self._gcm(args, data[:12])))
-        except PyKCS11.PyKCS11Error as exc:
-            # SoftHSM2 answers a failed GCM tag check with CKR_GENERAL_ERROR.
-            if exc.value in (PyKCS11.CKR_GENERAL_ERROR, PyKCS11.CKR_ENCRYPTED_DATA_INVALID):
-                raise Refusal(
-                    "user",
-                    "decrypt_failed",
-                    "aes-gcm authentication failed: wrong key or AAD, or the data was altered",
-                    ckr=exc.value,
-                ) from None
-            raise
+    def leave_active(self, args: dict[str, Any]) -> bool:
+        """A fault: ``C_SignInit`` with the key and mechanism of ``args`` and no ``C_Sign``,
+        so the session's next operation meets ``CKR_OPERATION_ACTIVE``."""
+        name = self._name(args)
+        key = self._key(args, name, PyKCS11.CKO_SECRET_KEY if name.startswith("hmac-") else PyKCS11.CKO_PRIVATE_KEY)
+        session = self.session.require()
+        mech = self._mechanism(self._plan(name, key))
+        rv = session.lib.C_SignInit(session.session, mech.to_native(), key.handle)
+        if rv != PyKCS11.CKR_OK:
+            raise PyKCS11.PyKCS11Error(rv)
+        return True
 
     def op_digest(self, args: dict[str, Any]) -> bytes:
         data = arg(args, "data", bytes)
         name = arg(args, "mechanism", str, "sha256")
-        if name not in _DIGESTS:
-            raise BadRequest(f"unknown digest {name!r} (known: {', '.join(_DIGESTS)})")
-        return bytes(self.session.require().digest(data, PyKCS11.Mechanism(_DIGESTS[name])))
+        if name not in HASH_CKM:
+            raise BadRequest(f"unknown digest {name!r} (known: {', '.join(HASH_CKM)})")
+        return bytes(self.session.require().digest(data, PyKCS11.Mechanism(HASH_CKM[name])))
 
     def op_random(self, args: dict[str, Any]) -> bytes:
         n = arg(args, "n", int)

@@ -10,11 +10,26 @@ from __future__ import annotations
 
 import base64
 
-__all__ = ["DerError", "ec_point", "ecdsa_der_to_raw", "ecdsa_raw_to_der", "spki_der", "spki_pem"]
+__all__ = [
+    "DerError",
+    "digest_info",
+    "ec_point",
+    "ecdsa_der_to_raw",
+    "ecdsa_raw_to_der",
+    "spki_der",
+    "spki_ec_point",
+    "spki_pem",
+]
 
 _EC_PUBLIC_KEY = bytes.fromhex("06072a8648ce3d0201")  # OID 1.2.840.10045.2.1
 _RSA_ENCRYPTION = bytes.fromhex("06092a864886f70d010101") + b"\x05\x00"  # OID + NULL
 _ED25519 = bytes.fromhex("06032b6570")  # OID 1.3.101.112
+#: DER ``DigestInfo`` up to the digest (RFC 8017 9.2 note 1): what CKM_RSA_PKCS signs before it.
+_DIGEST_INFO = {
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
+}
 
 
 class DerError(ValueError):
@@ -110,3 +125,31 @@ def ec_point(value: bytes, size: int) -> bytes:
     if end != len(value) or len(point) != size:
         raise DerError(f"CKA_EC_POINT of {len(value)} bytes is not a point of {size} bytes")
     return point
+
+
+def digest_info(name: str, digest: bytes) -> bytes:
+    """The DER ``DigestInfo`` of a SHA-2 ``digest``: PKCS#1 v1.5 signs this with a raw RSA key."""
+    return _DIGEST_INFO[name] + digest
+
+
+def spki_ec_point(data: bytes) -> tuple[bytes, bytes]:
+    """(curve OID as DER, uncompressed point) of an EC public key given as PEM, as DER
+    SubjectPublicKeyInfo, or as the bare point (curve OID then ``b""``)."""
+    if data.startswith(b"-----BEGIN"):
+        body = b"".join(line for line in data.splitlines() if line and not line.startswith(b"-----"))
+        try:
+            data = base64.b64decode(body, validate=True)
+        except ValueError:
+            raise DerError("the PEM public key is not base64") from None
+    if data[:1] == b"\x04":
+        return b"", data
+    spki, _ = _read(data, 0, 0x30)
+    algorithm, pos = _read(spki, 0, 0x30)
+    bits, _ = _read(spki, pos, 0x03)
+    oid, after = _read(algorithm, 0, 0x06)
+    if _tlv(0x06, oid) != _EC_PUBLIC_KEY or algorithm[after : after + 1] != b"\x06":
+        raise DerError("the public key is not an EC key on a named curve")
+    curve, _ = _read(algorithm, after, 0x06)
+    if bits[:1] != b"\x00" or bits[1:2] != b"\x04":
+        raise DerError("the EC public key is not an uncompressed point")
+    return _tlv(0x06, curve), bits[1:]

@@ -6,18 +6,21 @@ nowhere else: ``{kind, ckr, name, message}``, the kind from :func:`ckr_kind`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import PyKCS11
 
 from p11guard.host._args import BadRequest, Refusal, arg
+from p11guard.host._cipher import Cipher
 from p11guard.host._ckr import ckr_kind, ckr_name
 from p11guard.host._crypto import Crypto
 from p11guard.host._faults import Faults
+from p11guard.host._keygen import KeyMaker
 from p11guard.host._keys import Keys
 from p11guard.host._session import Session
-from p11guard.protocol import OPS
+from p11guard.protocol import IDEMPOTENT_OPS, OPS
 
 __all__ = ["Host"]
 
@@ -41,22 +44,31 @@ class Host:
         self.generation = generation
         self.session = Session()
         self.keys = Keys(self.session)
+        self.maker = KeyMaker(self.keys)
         self.crypto = Crypto(self.session, self.keys)
-        self.faults = Faults(fault_injection)
+        self.cipher = Cipher(self.session, self.keys, self.maker)
+        self.faults = Faults(fault_injection, self.crypto.leave_active)
+        self.renewals = 0
         self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "open": self.op_open,
             "probe": self.session.op_probe,
             "ping": self.op_ping,
             "close": self.op_close,
+            "mechanisms": self.op_mechanisms,
             "sign": self.crypto.op_sign,
+            "sign_digest": self.crypto.op_sign_digest,
             "verify": self.crypto.op_verify,
-            "encrypt": self.crypto.op_encrypt,
-            "decrypt": self.crypto.op_decrypt,
+            "encrypt": self.cipher.op_encrypt,
+            "decrypt": self.cipher.op_decrypt,
+            "wrap": self.cipher.op_wrap,
+            "unwrap": self.cipher.op_unwrap,
+            "derive": self.cipher.op_derive,
             "digest": self.crypto.op_digest,
             "random": self.crypto.op_random,
             "public_key": self.keys.op_public_key,
-            "generate_key_pair": self.keys.op_generate_key_pair,
-            "generate_secret": self.keys.op_generate_secret,
+            "key_info": self.keys.op_key_info,
+            "generate_key_pair": self.maker.op_generate_key_pair,
+            "generate_secret": self.maker.op_generate_secret,
             "destroy": self.keys.op_destroy,
             "list_keys": self.keys.op_list_keys,
             "key_fingerprint": self.keys.op_key_fingerprint,
@@ -125,9 +137,34 @@ class Host:
             raise BadRequest(f"unknown op {op!r} (known: {', '.join(sorted(OPS))})")
         if op != "fault":
             self.faults.apply(op)
-        if op not in _SESSIONLESS:
-            self.session.require()
+        if op in _SESSIONLESS:
+            return handler(args)
+        self.session.require()
+        try:
+            return handler(args)
+        except PyKCS11.PyKCS11Error as exc:
+            if exc.value != PyKCS11.CKR_OPERATION_ACTIVE:
+                raise
+        # An operation of the session was left active (a multi-part call that failed half
+        # way, a module that kept its state): renew the session -- not a loss, no probe --
+        # and run the op again once if it changes nothing on the token.
+        self.renew_session()
+        if op not in IDEMPOTENT_OPS:
+            raise Refusal(
+                "user",
+                "operation_active",
+                f"{op}: the session had an operation left active (CKR_OPERATION_ACTIVE); the session was "
+                "renewed, the operation not run again because it changes the token: check whether it took "
+                "effect, then run it again",
+                ckr=PyKCS11.CKR_OPERATION_ACTIVE,
+            )
         return handler(args)
+
+    def renew_session(self) -> None:
+        """A new session in place of one whose operation state is stuck; handles found again."""
+        self.session.renew()
+        self.keys.clear()
+        self.renewals += 1
 
     @staticmethod
     def error_reply(exc: BaseException) -> dict[str, Any]:
@@ -154,4 +191,8 @@ class Host:
         return self.session.op_close(args)
 
     def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {**self.session.op_ping(args), "generation": self.generation}
+        return {**self.session.op_ping(args), "generation": self.generation, "renewals": self.renewals}
+
+    def op_mechanisms(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The mechanism table negotiated at session open (see :mod:`._mechs`), with the token."""
+        return {"pid": os.getpid(), "token": self.session.token_info, "mechanisms": self.session.negotiated.table()}

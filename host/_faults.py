@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import PyKCS11
@@ -15,10 +16,13 @@ __all__ = ["Faults"]
 
 
 class Faults:
-    """A plan of faults: the next calls fail with a CKR code, hang, or the host crashes."""
+    """A plan of faults: the next calls fail with a CKR code, hang, or the host crashes;
+    or an operation is left active in the session (``leave_active``: ``C_SignInit``
+    without ``C_Sign``, as a multi-part call that failed half way leaves it)."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, leave_active: Callable[[dict[str, Any]], Any] | None = None) -> None:
         self.enabled = enabled
+        self._leave_active = leave_active
         self._fail_plan: list[tuple[int, int, frozenset[str] | None]] = []  # [ckr, count, ops]
         self._hang_next = 0.0
 
@@ -62,6 +66,8 @@ class Faults:
             if how == "segv":
                 ctypes.string_at(0)
             raise BadRequest(f"unknown crash {how!r} (exit, sigkill, segv)")
+        if action == "leave_active" and self._leave_active is not None:
+            return self._leave_active(args)
         if action == "say":
             # Output as a chatty module makes it (tpm2-pkcs11 in an outage): to stderr, by lines.
             lines = arg(args, "lines", int, 1)
@@ -69,4 +75,4 @@ class Faults:
             for i in range(lines):
                 os.write(2, f"{text} {i}\n".encode())
             return True
-        raise BadRequest(f"unknown fault action {action!r} (fail_next, hang, crash, say)")
+        raise BadRequest(f"unknown fault action {action!r} (fail_next, hang, crash, say, leave_active)")

@@ -11,6 +11,7 @@ import PyKCS11
 from p11guard.host._args import Refusal, arg
 from p11guard.host._ckr import ckr_kind
 from p11guard.host._fastcall import FastSigner, handle_value
+from p11guard.host._mechs import Negotiated, read_mechanisms
 
 __all__ = ["Session", "jitter"]
 
@@ -47,7 +48,9 @@ class Session:
         self.session_value = 0
         self.slot: Any = None
         self.token_label: str | None = None
-        self.mechanisms: set[int] = set()
+        self.module_path = ""
+        self.token_info: dict[str, str] = {}
+        self.negotiated = Negotiated({}, {})
         self.login_attempts = 0
         self.sessions_opened = 0
 
@@ -56,6 +59,7 @@ class Session:
         lib = PyKCS11.PyKCS11Lib()
         lib.load(module_path)
         self.lib = lib
+        self.module_path = module_path
         try:
             self.fast = FastSigner(module_path)
         except (OSError, AttributeError):
@@ -117,7 +121,7 @@ class Session:
                     else:
                         raise
                 self.slot = slot  # token() reads it
-                mechanisms, token = self.lib.getMechanismList(slot), self.token()
+                available, token = read_mechanisms(self.lib, slot), self.token()
                 break
             except PyKCS11.PyKCS11Error as exc:
                 if session is not None:
@@ -135,8 +139,28 @@ class Session:
         if self.fast is not None and not self.fast.shares_state(self.session_value):
             self.fast = None
         self.sessions_opened += 1
-        self.mechanisms = {m for m in (PyKCS11.CKM.get(n) for n in mechanisms) if isinstance(m, int)}
-        return {"pid": os.getpid(), "sessions_opened": self.sessions_opened, "token": token}
+        hint = " (through p11-kit's RPC client, which lists and carries only the mechanisms it knows)"
+        self.token_info = token
+        self.negotiated = Negotiated(available, token, hint if "p11-kit" in self.module_path else "")
+        return {
+            "pid": os.getpid(),
+            "sessions_opened": self.sessions_opened,
+            "token": token,
+            "mechanisms": self.negotiated.table(),
+        }
+
+    def renew(self) -> None:
+        """A fresh session on the same slot in place of the open one, whose operation state
+        is stuck (``CKR_OPERATION_ACTIVE``). No login: the login state is the application's,
+        so the new session is logged in while the old one still is; then the old one closes."""
+        old = self.require()
+        new = self.lib.openSession(self.slot, _RW_SESSION)
+        self.session, self.session_value = new, handle_value(new.session)
+        self.sessions_opened += 1
+        try:
+            old.closeSession()
+        except PyKCS11.PyKCS11Error:
+            pass
 
     def token(self) -> dict[str, str]:
         """The token's identity: label, serial, manufacturer, model (as ``C_GetTokenInfo`` says)."""

@@ -6,6 +6,7 @@ Sugar over one method, :meth:`Operations._submit`, which :class:`~p11guard.Guard
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -31,6 +32,9 @@ class Operations:
     ) -> Future[Any]:
         raise NotImplementedError
 
+    def status(self) -> dict[str, Any]:
+        raise NotImplementedError
+
     # -- submission ---------------------------------------------------------------------
 
     def submit(self, op: str, **args: Any) -> Future[Any]:
@@ -48,8 +52,16 @@ class Operations:
     def submit_sign(self, key: str, data: bytes, mechanism: str = "ecdsa-sha256") -> Future[bytes]:
         return self._submit("sign", {"key": key, "data": data, "mechanism": mechanism})
 
+    def submit_sign_digest(self, key: str, digest: bytes, mechanism: str = "ecdsa-sha256") -> Future[bytes]:
+        return self._submit("sign_digest", {"key": key, "digest": digest, "mechanism": mechanism})
+
     def submit_verify(self, key: str, data: bytes, signature: bytes, mechanism: str = "ecdsa-sha256") -> Future[bool]:
         return self._submit("verify", {"key": key, "data": data, "signature": signature, "mechanism": mechanism})
+
+    def submit_verify_digest(
+        self, key: str, digest: bytes, signature: bytes, mechanism: str = "ecdsa-sha256"
+    ) -> Future[bool]:
+        return self._submit("verify", {"key": key, "digest": digest, "signature": signature, "mechanism": mechanism})
 
     def submit_encrypt(self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b"") -> Future[bytes]:
         return self._submit("encrypt", {"key": key, "data": data, "mechanism": mechanism, "aad": aad})
@@ -69,8 +81,33 @@ class Operations:
     def submit_generate_key_pair(self, label: str, type: str) -> Future[dict[str, Any]]:
         return self._submit("generate_key_pair", {"label": label, "type": type}, label=label)
 
-    def submit_generate_secret(self, label: str, type: str) -> Future[dict[str, Any]]:
-        return self._submit("generate_secret", {"label": label, "type": type}, label=label)
+    def submit_generate_secret(self, label: str, type: str, extractable: bool = False) -> Future[dict[str, Any]]:
+        args = {"label": label, "type": type, "extractable": extractable}
+        return self._submit("generate_secret", args, label=label)
+
+    def submit_wrap(self, key: str, target: str, mechanism: str = "aes-key-wrap-pad") -> Future[bytes]:
+        return self._submit("wrap", {"key": key, "target": target, "mechanism": mechanism})
+
+    def submit_unwrap(
+        self,
+        key: str,
+        wrapped: bytes,
+        label: str,
+        type: str,
+        mechanism: str = "aes-key-wrap-pad",
+        extractable: bool = False,
+    ) -> Future[dict[str, Any]]:
+        args = {"key": key, "wrapped": wrapped, "label": label, "type": type, "mechanism": mechanism}
+        return self._submit("unwrap", {**args, "extractable": extractable}, label=label)
+
+    def submit_derive(
+        self, key: str, peer: bytes, label: str, type: str = "aes-256", mechanism: str = "ecdh"
+    ) -> Future[dict[str, Any]]:
+        args = {"key": key, "peer": peer, "label": label, "type": type, "mechanism": mechanism}
+        return self._submit("derive", args, label=label)
+
+    def submit_key_info(self, key: str) -> Future[dict[str, Any]]:
+        return self._submit("key_info", {"key": key})
 
     def submit_destroy(self, label: str) -> Future[int]:
         return self._submit("destroy", {"label": label}, label=label)
@@ -84,12 +121,23 @@ class Operations:
         """Sign ``data`` with the private key labelled ``key``. ECDSA signatures are DER."""
         return self.submit_sign(key, data, mechanism).result()
 
+    def sign_digest(self, key: str, digest: bytes, mechanism: str = "ecdsa-sha256") -> bytes:
+        """Sign a digest computed elsewhere (ECDSA, ``rsa-pkcs1-*``, ``rsa-pss-*``): ``digest``
+        must be of the mechanism's hash and length; the signature is the one ``sign`` gives
+        for the data behind it."""
+        return self.submit_sign_digest(key, digest, mechanism).result()
+
     def verify(self, key: str, data: bytes, signature: bytes, mechanism: str = "ecdsa-sha256") -> bool:
         """``True`` if ``signature`` is valid for ``data`` under the public key ``key``."""
         return self.submit_verify(key, data, signature, mechanism).result()
 
+    def verify_digest(self, key: str, digest: bytes, signature: bytes, mechanism: str = "ecdsa-sha256") -> bool:
+        """``True`` if ``signature`` is valid for the data whose digest is ``digest``."""
+        return self.submit_verify_digest(key, digest, signature, mechanism).result()
+
     def encrypt(self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b"") -> bytes:
-        """AES-GCM: returns IV (12 bytes) + ciphertext + tag."""
+        """``aes-gcm``: IV (12 bytes) + ciphertext + tag; ``aes-cbc-pad``: IV (16 bytes) +
+        ciphertext; ``rsa-oaep-sha256`` (the public key of ``key``): the ciphertext."""
         return self.submit_encrypt(key, data, mechanism, aad).result()
 
     def decrypt(self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b"") -> bytes:
@@ -110,9 +158,59 @@ class Operations:
         Never retried after a loss: raises :class:`OutcomeUnknown` instead."""
         return self.submit_generate_key_pair(label, type).result()
 
-    def generate_secret(self, label: str, type: str) -> dict[str, Any]:
-        """Generate ``aes-256`` or ``hmac-sha256``."""
-        return self.submit_generate_secret(label, type).result()
+    def generate_secret(self, label: str, type: str, extractable: bool = False) -> dict[str, Any]:
+        """Generate ``aes-128``/``-192``/``-256`` or ``hmac-sha256``/``-384``/``-512``
+        (``extractable``: it may be wrapped; it stays sensitive)."""
+        return self.submit_generate_secret(label, type, extractable).result()
+
+    def wrap(self, key: str, target: str, mechanism: str = "aes-key-wrap-pad") -> bytes:
+        """The extractable secret key ``target`` wrapped under ``key`` (an AES key, or
+        ``rsa-oaep-sha256`` with an RSA public key)."""
+        return self.submit_wrap(key, target, mechanism).result()
+
+    def unwrap(
+        self,
+        key: str,
+        wrapped: bytes,
+        label: str,
+        type: str,
+        mechanism: str = "aes-key-wrap-pad",
+        extractable: bool = False,
+    ) -> dict[str, Any]:
+        """Make the secret key ``label`` of ``type`` on the token from ``wrapped`` under ``key``.
+        Changes the token: never retried after a loss (:class:`OutcomeUnknown`)."""
+        return self.submit_unwrap(key, wrapped, label, type, mechanism, extractable).result()
+
+    def derive(
+        self, key: str, peer: bytes, label: str, type: str = "aes-256", mechanism: str = "ecdh"
+    ) -> dict[str, Any]:
+        """ECDH of the private key ``key`` with ``peer`` (PEM, DER or the point) into the
+        secret key ``label`` on the token (no KDF: the token cuts the shared secret)."""
+        return self.submit_derive(key, peer, label, type, mechanism).result()
+
+    def key_info(self, key: str) -> dict[str, Any]:
+        """What ``key`` (a label or a PKCS#11 URI) names: label, id, type, classes."""
+        return self.submit_key_info(key).result()
+
+    def mechanisms(self, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
+        """The mechanism table each serving member negotiated at session open:
+        ``{member: {"token": {...}, "mechanisms": {name: {"via", "hash", ...}}}}``.
+
+        Asks the workers (op ``mechanisms``) until every serving member has answered."""
+        end = time.monotonic() + timeout_s
+        out: dict[str, dict[str, Any]] = {}
+        while True:
+            status = self.status()
+            member_of = {w["pid"]: w["member"] for w in status.get("workers", []) if w.get("pid")}
+            serving = {m["name"] for m in status.get("members", []) if m.get("state") == "serving"}
+            futures = [self._submit("mechanisms", {}) for _ in range(max(1, len(member_of)))]
+            for future in futures:
+                reply = future.result(max(0.1, end - time.monotonic()))
+                member = member_of.get(reply["pid"])
+                if member is not None and member not in out:
+                    out[member] = {"token": reply["token"], "mechanisms": reply["mechanisms"]}
+            if serving <= out.keys() or time.monotonic() > end:
+                return out
 
     def destroy(self, label: str) -> int:
         """Destroy every object labelled ``label``; returns how many."""
@@ -182,8 +280,14 @@ class Operations:
     async def asign(self, key: str, data: bytes, mechanism: str = "ecdsa-sha256") -> bytes:
         return await self._await(self.submit_sign(key, data, mechanism))
 
+    async def asign_digest(self, key: str, digest: bytes, mechanism: str = "ecdsa-sha256") -> bytes:
+        return await self._await(self.submit_sign_digest(key, digest, mechanism))
+
     async def averify(self, key: str, data: bytes, signature: bytes, mechanism: str = "ecdsa-sha256") -> bool:
         return await self._await(self.submit_verify(key, data, signature, mechanism))
+
+    async def averify_digest(self, key: str, digest: bytes, signature: bytes, mechanism: str = "ecdsa-sha256") -> bool:
+        return await self._await(self.submit_verify_digest(key, digest, signature, mechanism))
 
     async def aencrypt(self, key: str, data: bytes, mechanism: str = "aes-gcm", aad: bytes = b"") -> bytes:
         return await self._await(self.submit_encrypt(key, data, mechanism, aad))
@@ -203,8 +307,30 @@ class Operations:
     async def agenerate_key_pair(self, label: str, type: str) -> dict[str, Any]:
         return await self._await(self.submit_generate_key_pair(label, type))
 
-    async def agenerate_secret(self, label: str, type: str) -> dict[str, Any]:
-        return await self._await(self.submit_generate_secret(label, type))
+    async def agenerate_secret(self, label: str, type: str, extractable: bool = False) -> dict[str, Any]:
+        return await self._await(self.submit_generate_secret(label, type, extractable))
+
+    async def awrap(self, key: str, target: str, mechanism: str = "aes-key-wrap-pad") -> bytes:
+        return await self._await(self.submit_wrap(key, target, mechanism))
+
+    async def aunwrap(
+        self,
+        key: str,
+        wrapped: bytes,
+        label: str,
+        type: str,
+        mechanism: str = "aes-key-wrap-pad",
+        extractable: bool = False,
+    ) -> dict[str, Any]:
+        return await self._await(self.submit_unwrap(key, wrapped, label, type, mechanism, extractable))
+
+    async def aderive(
+        self, key: str, peer: bytes, label: str, type: str = "aes-256", mechanism: str = "ecdh"
+    ) -> dict[str, Any]:
+        return await self._await(self.submit_derive(key, peer, label, type, mechanism))
+
+    async def akey_info(self, key: str) -> dict[str, Any]:
+        return await self._await(self.submit_key_info(key))
 
     async def adestroy(self, label: str) -> int:
         return await self._await(self.submit_destroy(label))

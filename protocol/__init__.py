@@ -9,6 +9,7 @@ in order.
 from p11guard.protocol._frames import MAX_FRAME, Channel, FrameError, decode, encode
 from p11guard.protocol._kinds import ANSWER_KINDS, ERROR_KINDS, LOSS_KINDS, SIGNAL_KINDS
 from p11guard.protocol._ops import (
+    DIGEST_SIZES,
     IDEMPOTENT_OPS,
     KEY_OPS,
     KEY_TYPES,
@@ -16,11 +17,14 @@ from p11guard.protocol._ops import (
     OPS,
     SECRET_TYPES,
     TOKEN_CHANGING_OPS,
+    MechanismSpec,
     default_mechanism,
+    mechanisms_for,
 )
 
 __all__ = [
     "ANSWER_KINDS",
+    "DIGEST_SIZES",
     "ERROR_KINDS",
     "IDEMPOTENT_OPS",
     "KEY_OPS",
@@ -34,7 +38,9 @@ __all__ = [
     "TOKEN_CHANGING_OPS",
     "Channel",
     "FrameError",
+    "MechanismSpec",
     "decode",
     "default_mechanism",
     "encode",
+    "mechanisms_for",
 ]

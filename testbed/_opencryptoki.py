@@ -26,7 +26,7 @@ import psutil
 
 from p11guard.testbed._procs import TestbedError, alive, wait_for
 
-__all__ = ["OCK_SLOT", "OckSetupError", "OpencryptokiToken", "find_ock_tools"]
+__all__ = ["OCK_SLOT", "OckSetupError", "OpencryptokiToken", "claim_token", "find_ock_tools"]
 
 OCK_SLOT = 3
 DEFAULT_SO_PIN = "87654321"
@@ -90,6 +90,29 @@ s.login(d["default_so"], PyKCS11.CKU_SO); s.setPin(d["default_so"], d["so"]); s.
 s.login(d["so"], PyKCS11.CKU_SO); s.initPin(d["user"]); s.logout()
 s.login(d["user"], PyKCS11.CKU_USER); s.logout(); s.closeSession()
 """
+
+
+def claim_token(timeout: float) -> int:
+    """Claim the machine's soft token for as long as the returned descriptor is open (a test
+    session that uses it): a second claimant waits up to ``timeout`` seconds, then gets an
+    :class:`OckSetupError` -- two suites on one machine would re-initialise each other's token.
+    A process that dies releases its claim."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LOCK_DIR / "p11guard-claim.lock", os.O_CREAT | os.O_RDWR, 0o660)
+
+    def free() -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    try:
+        wait_for(free, timeout, "the opencryptoki soft token to be free (another test session uses it)")
+    except TestbedError as exc:
+        os.close(fd)
+        raise OckSetupError(str(exc)) from None
+    return fd
 
 
 def _running_slotds() -> list[psutil.Process]:

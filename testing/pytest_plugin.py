@@ -27,9 +27,13 @@ from typing import Any
 import pytest
 
 from p11guard._guard import Guard
+from p11guard.testbed._opencryptoki import claim_token
 from p11guard.testbed._testbed import Testbed
 
 __all__ = ["HsmFaults"]
+
+#: How long a session waits for opencryptoki's machine-wide token when another session has it.
+_CLAIM_WAIT_S = 900.0
 
 
 class HsmFaults:
@@ -141,11 +145,14 @@ def hsm_testbeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     members on ``backend`` (started on first use); every one is torn down at the end,
     whatever happened."""
     beds: dict[tuple[int, str], Testbed] = {}
+    claims: list[int] = []
 
     def get(members: int, backend: str = "softhsm") -> Testbed:
         if (members, backend) not in beds:
             name = "hsm-group" if members == 1 else f"hsm-group-{members}"
             bed = Testbed(tmp_path_factory.mktemp(name if backend == "softhsm" else f"hsm-{backend}"))
+            if backend == "opencryptoki":  # one machine-wide token: one session at a time
+                claims.append(claim_token(_CLAIM_WAIT_S))
             beds[(members, backend)] = bed
             bed.up(members=members, backend=backend)
         return beds[(members, backend)]
@@ -155,6 +162,8 @@ def hsm_testbeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     finally:
         for bed in beds.values():
             bed.down()
+        for fd in claims:
+            os.close(fd)
 
 
 @pytest.fixture(scope="session")

@@ -75,6 +75,14 @@ def test_a_host_loads_only_the_host() -> None:
     ), sorted(ours)
 
 
+def test_a_host_hashes_without_openssl() -> None:
+    # RSA PKCS#1 over raw CKM_RSA_PKCS, ECDSA, PSS with a pre-hash: CPython's own SHA-2.
+    code = "import p11guard.host._main\nfrom p11guard.host._crypto import sha2\n"
+    code += "assert sha2('sha384', b'abc').hex().startswith('cb00753f')\n[sha2(n, b'x') for n in ('sha256', 'sha512')]"
+    modules = _modules_after(code)
+    assert not [m for m in modules if m in ("hashlib", "_hashlib", "ssl", "_ssl")]
+
+
 def test_the_base_imports_nothing_of_ours() -> None:
     modules = _modules_after("import p11guard.base")
     assert sorted(m for m in modules if m.startswith("p11guard") and not m.startswith("p11guard.base")) == ["p11guard"]

@@ -262,3 +262,13 @@ def test_sign_cli_rides_through_a_member_loss(ha: Testbed, tmp_path: Path) -> No
     # plain progress lines on a pipe, one at each change of the state or the members serving
     assert "SERVING (3/3 members)" in progress and "SERVING (2/3 members)" in progress
     assert main(["verify", "--in", str(source), "--sigs", str(out), "--pubkey", str(pub)]) == 0
+
+
+def test_each_member_reports_the_mechanisms_it_negotiated(ha: Testbed) -> None:
+    with ha_guard(ha_config(ha)) as g:
+        tables = g.mechanisms()
+    assert sorted(tables) == [A, B, C]
+    for name in (A, B, C):  # p11-kit's client lists SoftHSM2's mechanisms: raw ECDSA, hashed in the host
+        entry = tables[name]["mechanisms"]["ecdsa-sha256"]
+        assert (entry["via"], entry["hash"]) == ("CKM_ECDSA", "host")
+        assert tables[name]["token"]["label"] == ha.token_label
