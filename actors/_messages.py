@@ -89,6 +89,8 @@ class WorkerReady:
     sessions_opened: int
     #: The token the worker logged in to (label, serial, manufacturer, model).
     token: dict[str, Any] = field(default_factory=dict)
+    #: The mechanisms its session negotiated with the token (name -> choice).
+    mechanisms: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

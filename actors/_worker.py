@@ -106,9 +106,9 @@ class CryptoWorker(pykka.ThreadingActor):
             self.supervisor.tell(WorkerFailed(self.wid, self.generation, exc))
             return
         token: dict[str, Any] = info["token"] if isinstance(info.get("token"), dict) else {}
-        self.supervisor.tell(
-            WorkerReady(self.wid, self.generation, self.host.pid or 0, int(info["sessions_opened"]), token)
-        )
+        mechanisms: dict[str, Any] = info["mechanisms"] if isinstance(info.get("mechanisms"), dict) else {}
+        pid, opened = self.host.pid or 0, int(info["sessions_opened"])
+        self.supervisor.tell(WorkerReady(self.wid, self.generation, pid, opened, token, mechanisms))
 
     def _drop_host(self) -> None:
         if self.host is not None:

@@ -53,6 +53,8 @@ class RecoveryDecisions(SupervisorBase):
         member = self.members[slot.member]
         if msg.token and not self._same_token(member, msg.token):
             return
+        if msg.mechanisms:
+            member.mechanisms = msg.mechanisms
         slot.status, slot.pid, slot.sessions_opened = SlotState.IDLE, msg.pid, msg.sessions_opened
         self.idle.append(msg.wid)
         member.served = True

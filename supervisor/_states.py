@@ -209,6 +209,8 @@ class Member:
         #: The token met at first contact (label, serial, manufacturer, model); every later
         #: probe and worker login must meet the same one.
         self.identity: dict[str, Any] | None = None
+        #: The mechanisms its workers' sessions negotiated (name -> choice), from the last one.
+        self.mechanisms: dict[str, Any] = {}
 
     @property
     def in_service(self) -> bool:

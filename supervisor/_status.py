@@ -81,6 +81,7 @@ def snapshot(
                 "recoveries": m.recoveries,
                 "last_probe": m.last_probe,
                 "token": m.identity,
+                "mechanisms": m.mechanisms,
                 "outages": outages_view(_with_current(m.outages, m.outage)),
             }
             for m in members

@@ -267,7 +267,10 @@ def test_sign_cli_rides_through_a_member_loss(ha: Testbed, tmp_path: Path) -> No
 def test_each_member_reports_the_mechanisms_it_negotiated(ha: Testbed) -> None:
     with ha_guard(ha_config(ha)) as g:
         tables = g.mechanisms()
+        status = g.status()
     assert sorted(tables) == [A, B, C]
+    for m in status["members"]:  # the choice made is in status() per member too
+        assert m["mechanisms"]["ecdsa-sha256"]["via"] == "CKM_ECDSA"
     for name in (A, B, C):  # p11-kit's client lists SoftHSM2's mechanisms: raw ECDSA, hashed in the host
         entry = tables[name]["mechanisms"]["ecdsa-sha256"]
         assert (entry["via"], entry["hash"]) == ("CKM_ECDSA", "host")
