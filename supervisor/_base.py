@@ -153,6 +153,7 @@ class SupervisorBase(pykka.ThreadingActor):
         self.shared.since, self.shared.cause = time.time(), cause
         self.shared.state = new
         self.shared.generation = self.generation
+        self._publish()
         level = logging.WARNING if new in (State.SUSPECT, State.LOST, State.FAILED) else logging.INFO
         log.log(level, "state %s -> %s (generation %d)%s", old, new, self.generation, f": {cause}" if cause else "")
         info = {"generation": self.generation, "cause": cause}
@@ -161,6 +162,13 @@ class SupervisorBase(pykka.ThreadingActor):
                 callback(str(old), str(new), info)
             except Exception:
                 log.exception("state-change callback failed")
+
+    def _publish(self) -> None:
+        """What the Guard reads without asking (health, members_serving): no member serves
+        while the group is not dispatching, whatever the members' books say a moment."""
+        serving = sum(m.state == MemberState.SERVING for m in self.members.values())
+        self.shared.members_serving = serving if self.state in DISPATCHING else 0
+        self.shared.members_total = len(self.members)
 
     def _refresh(self, cause: str) -> None:
         """SERVING while some member serves, SUSPECT while none does but some is in service."""

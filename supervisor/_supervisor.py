@@ -134,8 +134,7 @@ class Supervisor(RecoveryDecisions):
             try:
                 return self._handle(message)
             finally:
-                self.shared.members_serving = sum(m.state == MemberState.SERVING for m in self.members.values())
-                self.shared.members_total = len(self.members)
+                self._publish()
 
     def _handle(self, message: Any) -> Any:
         if isinstance(message, Submit):
