@@ -1,5 +1,6 @@
 """The actors: CryptoWorker (one host, one session each) and HealthActor (probes)."""
 
+from p11guard.actors._direct import run_direct
 from p11guard.actors._health import HealthActor, Tick
 from p11guard.actors._messages import (
     FastLane,
@@ -13,6 +14,7 @@ from p11guard.actors._messages import (
     RunJob,
     Shutdown,
     StartProbe,
+    Ticket,
     WorkerFailed,
     WorkerReady,
     WorkerStopped,
@@ -37,8 +39,10 @@ __all__ = [
     "Shutdown",
     "StartProbe",
     "Tick",
+    "Ticket",
     "WorkerFailed",
     "WorkerReady",
     "WorkerStopped",
+    "run_direct",
     "worker_key",
 ]

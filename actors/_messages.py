@@ -27,6 +27,7 @@ __all__ = [
     "RunJob",
     "Shutdown",
     "StartProbe",
+    "Ticket",
     "WorkerFailed",
     "WorkerReady",
     "WorkerStopped",
@@ -173,27 +174,57 @@ class ProbeResult:
     started: float = 0.0
 
 
+@dataclass(frozen=True)
+class Ticket:
+    """A free worker's host, lent to a caller's thread for one job (the direct path)."""
+
+    wid: int
+    generation: int
+    host: HostProcess
+    call_s: float
+
+
 class FastLane:
     """The hot path into the supervisor, without a thread hop.
 
     Submitting a job and delivering a successful result are plain method calls under the
     supervisor's lock (which its actor also holds while it handles any message), so a
-    single operation costs two thread hand-offs (caller -> worker -> caller), not four.
-    Everything else -- failures, probes, recovery, timers -- stays an actor message.
+    single operation costs two thread hand-offs (caller -> worker -> caller), not four --
+    and none on the direct path, where a blocking caller runs its job on a free worker's
+    host itself (:meth:`submit_direct`). Everything else -- failures, probes, recovery,
+    timers -- stays an actor message.
     """
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self._submit: Callable[[Job], None] | None = None
         self._deliver: Callable[[JobDone], None] | None = None
+        self._direct: Callable[[Job], Ticket | None] | None = None
 
-    def connect(self, submit: Callable[[Job], None], deliver: Callable[[JobDone], None]) -> None:
+    def connect(
+        self,
+        submit: Callable[[Job], None],
+        deliver: Callable[[JobDone], None],
+        direct: Callable[[Job], Ticket | None] | None = None,
+    ) -> None:
         with self.lock:
-            self._submit, self._deliver = submit, deliver
+            self._submit, self._deliver, self._direct = submit, deliver, direct
 
     def disconnect(self) -> None:
         with self.lock:
-            self._submit = self._deliver = None
+            self._submit = self._deliver = self._direct = None
+
+    def submit_direct(self, job: Job) -> Ticket | bool | None:
+        """Hand ``job`` to the supervisor: a :class:`Ticket` when a worker is free and nothing
+        waits (the caller runs the job), ``None`` when it was queued or answered, ``False``
+        when the supervisor is not running."""
+        with self.lock:
+            if self._direct is None:
+                if self._submit is None:
+                    return False
+                self._submit(job)
+                return None
+            return self._direct(job)
 
     def submit(self, job: Job) -> bool:
         """Hand ``job`` to the supervisor now; ``False`` if it is not running."""

@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["KeyPins"]
+from p11guard.actors._messages import Job
+from p11guard.base import KeyChanged, RemoteError
+from p11guard.host import HostProcess
+from p11guard.protocol import ANSWER_KINDS, KEY_OPS
+
+__all__ = ["KeyPins", "check_keys", "repin"]
 
 
 class KeyPins:
@@ -58,3 +64,44 @@ class KeyPins:
     def _bump(self, label: str) -> None:
         self._versions[label] = self._next
         self._next += 1
+
+
+def check_keys(host: HostProcess, job: Job, pins: KeyPins | None, deadline_s: float) -> None:
+    """Each key of ``job``, once per session of ``host``: is it still the key this guard used?
+
+    Raises:
+        KeyChanged: a key's fingerprint is not the one pinned.
+        RemoteError, HostError: the check itself failed (a signal, for the supervisor).
+    """
+    if pins is None:
+        return
+    items = job.items if job.items is not None else [(job.op, job.args)]
+    for op, args in items:
+        label = args.get("key")
+        if op not in KEY_OPS or not isinstance(label, str):
+            continue
+        version = pins.version(label)
+        if host.checked_keys.get(label) == version:
+            continue
+        try:
+            info = host.call("key_fingerprint", {"key": label}, deadline_s)
+        except RemoteError as exc:
+            if exc.kind in ANSWER_KINDS:
+                continue  # no such key (yet): the operation itself gives the answer
+            raise
+        expected = pins.check(label, str(info["fingerprint"]))
+        if expected is not None:
+            raise KeyChanged(label, expected, str(info["fingerprint"]))
+        host.checked_keys[label] = version
+
+
+def repin(pins: KeyPins | None, job: Job, result: Any) -> None:
+    """Keys made or destroyed through this guard re-pin themselves."""
+    if pins is None or job.items is not None:
+        return
+    label = job.args.get("label")
+    if job.op in ("generate_key_pair", "generate_secret") and isinstance(result, dict):
+        if isinstance(label, str) and result.get("fingerprint"):
+            pins.repin(label, str(result["fingerprint"]))
+    elif job.op == "destroy" and isinstance(label, str):
+        pins.forget([label])

@@ -21,10 +21,10 @@ from p11guard.actors._messages import (
     WorkerStopped,
     worker_key,
 )
-from p11guard.actors._pins import KeyPins
-from p11guard.base import Config, KeyChanged, RemoteError, Secret
+from p11guard.actors._pins import KeyPins, check_keys, repin
+from p11guard.base import Config, RemoteError, Secret
 from p11guard.host import HostProcess
-from p11guard.protocol import ANSWER_KINDS, KEY_OPS, SIGNAL_KINDS
+from p11guard.protocol import ANSWER_KINDS, SIGNAL_KINDS
 
 __all__ = ["CryptoWorker"]
 
@@ -56,7 +56,6 @@ class CryptoWorker(pykka.ThreadingActor):
     ) -> None:
         super().__init__()
         self.pins = pins
-        self._checked: dict[str, int] = {}  # label -> pin version checked in this session
         self._given = host
         self.lane = lane
         self.wid = wid
@@ -75,7 +74,6 @@ class CryptoWorker(pykka.ThreadingActor):
         if given is not None and given.alive and given.broken is None:
             # A probe host that just logged in: its session is this worker's.
             self._pin = None
-            self._checked.clear()
             self.host = given
             given.name = self.key
             self.registry.add(self.key, given)
@@ -100,7 +98,6 @@ class CryptoWorker(pykka.ThreadingActor):
                     start_timeout_s=self.config.start_s,
                 )
             info = self.host.open(self.config.token_label, pin, self.config.call_s)
-            self._checked.clear()  # a new session: every key is checked again at its next use
         except Exception as exc:
             self._drop_host()
             self.supervisor.tell(WorkerFailed(self.wid, self.generation, exc))
@@ -214,38 +211,10 @@ class CryptoWorker(pykka.ThreadingActor):
             self.supervisor.tell(outcome)
 
     def _check_keys(self, host: HostProcess, job: Job) -> None:
-        """Each key of the job, once per session: is it still the key this guard used?"""
-        if self.pins is None:
-            return
-        items = job.items if job.items is not None else [(job.op, job.args)]
-        for op, args in items:
-            label = args.get("key")
-            if op not in KEY_OPS or not isinstance(label, str):
-                continue
-            version = self.pins.version(label)
-            if self._checked.get(label) == version:
-                continue
-            try:
-                info = host.call("key_fingerprint", {"key": label}, self.config.call_s)
-            except RemoteError as exc:
-                if exc.kind in ANSWER_KINDS:
-                    continue  # no such key (yet): the operation itself gives the answer
-                raise
-            expected = self.pins.check(label, str(info["fingerprint"]))
-            if expected is not None:
-                raise KeyChanged(label, expected, str(info["fingerprint"]))
-            self._checked[label] = version
+        check_keys(host, job, self.pins, self.config.call_s)
 
     def _repin(self, job: Job, result: Any) -> None:
-        """Keys made or destroyed through this guard re-pin themselves."""
-        if self.pins is None or job.items is not None:
-            return
-        label = job.args.get("label")
-        if job.op in ("generate_key_pair", "generate_secret") and isinstance(result, dict):
-            if isinstance(label, str) and result.get("fingerprint"):
-                self.pins.repin(label, str(result["fingerprint"]))
-        elif job.op == "destroy" and isinstance(label, str):
-            self.pins.forget([label])
+        repin(self.pins, job, result)
 
     def _inject(self, message: Inject) -> None:
         try:

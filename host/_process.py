@@ -87,6 +87,10 @@ class HostProcess:
         self._killed = False
         self._broken: str | None = None
         self._released = False
+        #: Labels whose key was checked against the guard's pins in this session (label ->
+        #: pin version): whoever runs a job on this host (its worker, or a caller's thread)
+        #: checks each key once per session.
+        self.checked_keys: dict[str, int] = {}
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else f"exited({self.exitcode})"
@@ -271,6 +275,7 @@ class HostProcess:
     def open(self, token_label: str, pin: Secret, deadline_s: float) -> dict[str, Any]:
         """Find the token, open a session and log in (once: a PIN error is never retried)."""
         result: dict[str, Any] = self.call("open", {"token_label": token_label, "pin": pin.reveal()}, deadline_s)
+        self.checked_keys.clear()  # a new session: every key is checked again at its next use
         return result
 
     def call(self, op: str, args: Mapping[str, Any] | None = None, deadline_s: float = 20.0) -> Any:

@@ -15,7 +15,7 @@ from typing import Any, cast
 from p11guard._fork import fork_epoch
 from p11guard._health import health_view
 from p11guard._operations import Operations
-from p11guard.actors import FastLane, HostRegistry, Job, KeyPins
+from p11guard.actors import FastLane, HostRegistry, Job, KeyPins, Ticket, run_direct
 from p11guard.base import Config, GuardClosed, GuardFailed, GuardForked, P11GuardError
 from p11guard.protocol import IDEMPOTENT_OPS
 from p11guard.supervisor import (
@@ -174,13 +174,14 @@ class Guard(Operations):
 
     # -- submission ---------------------------------------------------------------------
 
-    def _submit(
+    def _accept(
         self,
         op: str,
         args: dict[str, Any],
         label: str | None = None,
         items: list[tuple[str, dict[str, Any]]] | None = None,
-    ) -> Future[Any]:
+    ) -> Job | Future[Any]:
+        """A job for the supervisor, or a Future already refused."""
         if self._fork_epoch != fork_epoch():
             raise GuardForked(self._pid)
         if self._closed.is_set():
@@ -199,20 +200,33 @@ class Guard(Operations):
                 raise GuardClosed("the guard closed while waiting for queue space")
         future.add_done_callback(lambda _: self._admission.release())
         idempotent = all(o in IDEMPOTENT_OPS for o, _ in items) if items else op in IDEMPOTENT_OPS
-        job = Job(
-            next(self._seq),
-            op,
-            args,
-            future,
-            now + self.config.op_deadline_s,
-            idempotent,
-            label,
-            items,
-            submitted=now,
-        )
+        seq = next(self._seq)
+        return Job(seq, op, args, future, now + self.config.op_deadline_s, idempotent, label, items, submitted=now)
+
+    def _submit(
+        self,
+        op: str,
+        args: dict[str, Any],
+        label: str | None = None,
+        items: list[tuple[str, dict[str, Any]]] | None = None,
+    ) -> Future[Any]:
+        job = self._accept(op, args, label, items)
+        if isinstance(job, Future):
+            return job
         if not self._lane.submit(job):  # the supervisor is not running yet / any more
             self._supervisor.tell(Submit(job))
-        return future
+        return job.future
+
+    def _call(self, op: str, args: dict[str, Any], label: str | None = None) -> Any:
+        job = self._accept(op, args, label)
+        if isinstance(job, Future):
+            return job.result()
+        ticket = self._lane.submit_direct(job)
+        if ticket is False:  # the supervisor is not running yet / any more
+            self._supervisor.tell(Submit(job))
+        elif isinstance(ticket, Ticket):  # a free worker's host: run it here, no thread hand-off
+            run_direct(job, ticket, self._pins, self._lane, self._supervisor.tell)
+        return job.future.result()
 
     def _refused(self, job: Job, error: P11GuardError) -> None:
         """Tell the observers of a job refused before it reached the supervisor."""

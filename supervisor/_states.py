@@ -233,6 +233,7 @@ class Counters:
     member_losses: int = 0
     member_recoveries: int = 0
     coalesced: int = 0  # single operations that shared a frame with another
+    direct: int = 0  # blocking operations run on a free worker's host by the caller's thread
     #: Hosts started to replace lost ones (worker renewals, members and groups back).
     host_restarts: int = 0
 

@@ -98,6 +98,7 @@ def snapshot(
             "member_losses": counters.member_losses,
             "member_recoveries": counters.member_recoveries,
             "coalesced": counters.coalesced,
+            "direct": counters.direct,
             "probes": counters.probes,
             "probes_failed": counters.probes_failed,
             "login_failures": counters.login_failures,

@@ -41,6 +41,7 @@ from p11guard.actors import (
     RunJob,
     Shutdown,
     Tick,
+    Ticket,
     WorkerFailed,
     WorkerReady,
     WorkerStopped,
@@ -103,7 +104,7 @@ class Supervisor(RecoveryDecisions):
             self._settle(job, error=GuardFailed(reason))
 
     def _start(self) -> None:
-        self.lane.connect(self._on_submit, self._on_job_done)
+        self.lane.connect(self._on_submit, self._on_job_done, self._on_submit_direct)
         self._last_tick_probe = time.monotonic()
         single = len(self.members) == 1 and not self.config.members
         for member in self.members.values():
@@ -178,6 +179,34 @@ class Supervisor(RecoveryDecisions):
         else:
             self.queue.append(job)
             self._dispatch()
+
+    def _on_submit_direct(self, job: Job) -> Ticket | None:
+        """A blocking caller's job: lend it a free worker's host when nothing waits (the
+        caller runs the job on its own thread), else queue it as any other."""
+        if (
+            self.state in DISPATCHING
+            and not self.closing
+            and not self.queue
+            and self.idle
+            and job.items is None
+            and (job.idempotent or not job.label or not self._label_changing(job.label))
+        ):
+            wid = self.idle[0]
+            slot = self.slots.get(wid)
+            host = self.effects.worker_host(wid)
+            if slot is not None and slot.status == SlotState.IDLE and host is not None and host.broken is None:
+                self.idle.popleft()
+                slot.status = SlotState.BUSY
+                slot.jobs[job.seq] = job
+                job.attempts += 1
+                self.inflight[job.seq] = InFlight(self.generation, wid, job)
+                self.counters.direct += 1
+                return Ticket(wid, self.generation, host, self.members[slot.member].config.call_s)
+        self._on_submit(job)
+        return None
+
+    def _label_changing(self, label: str) -> bool:
+        return any(not e.job.idempotent and e.job.label == label for e in self.inflight.values())
 
     def _dispatch(self) -> None:
         if self.state not in DISPATCHING:

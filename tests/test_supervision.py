@@ -419,3 +419,22 @@ def test_many_async_callers_share_frames_through_a_total_loss(net_config: Config
     for data, sig in signed:
         pub.verify(sig, data, ec.ECDSA(hashes.SHA256()))
     assert status["counters"]["coalesced"] > 0 and status["counters"]["ops_ok"] >= 256
+
+
+def test_a_blocking_caller_runs_on_a_free_workers_host_itself(net_config: Config, group: Testbed) -> None:
+    """The direct path: no thread hand-off, the same books -- and a hang there still costs
+    only that caller its deadline, and the host is replaced."""
+    with guard(net_config.replace(workers=2, call_s=1.0)) as g:
+        sig = g.sign(EC_KEY, b"direct")
+        pub = load_pem_public_key(g.public_key(EC_KEY))
+        assert isinstance(pub, ec.EllipticCurvePublicKey)
+        pub.verify(sig, b"direct", ec.ECDSA(hashes.SHA256()))
+        before = g.status()
+        assert before["counters"]["direct"] >= 2 and before["in_flight"] == 0  # sign and public_key ran here
+        worker = before["workers"][0]
+        g.inject_fault(worker["id"], "hang", seconds=30)
+        signs = [g.submit_sign(EC_KEY, b"queued %d" % i) for i in range(4)]  # meanwhile, others go on
+        assert all(f.result(20) for f in signs)
+        assert g.sign(EC_KEY, b"after the hang")  # whichever worker: the hung host is replaced
+        wait_until(lambda: _find(g.status(), worker["id"])["pid"] != worker["pid"], 20, "a new host")
+        assert g.status()["generation"] == 0
