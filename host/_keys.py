@@ -8,6 +8,7 @@ from typing import Any
 import PyKCS11
 
 from p11guard.host._args import Refusal, arg
+from p11guard.host._ckr import ckr_kind
 from p11guard.host._der import ec_point, spki_der, spki_pem
 from p11guard.host._fastcall import handle_value
 from p11guard.host._keyref import KeyRef, check_token, parse_key_ref
@@ -202,15 +203,18 @@ class Keys:
         raise Refusal("user", "key_not_found", f"no key labelled {name!r}")
 
     def _check_value(self, handle: Any, info: KeyInfo) -> bytes:
-        """The key's check value: AES of a zero block, or an HMAC of a fixed text (b"" if refused)."""
+        """The key's check value: AES of a zero block, or an HMAC of a fixed text (b"" if the
+        key may not do that; a device error is raised, never turned into another fingerprint)."""
         session = self.session.require()
         try:
             if info.key_type.startswith("aes"):
                 return bytes(session.encrypt(handle, bytes(16), PyKCS11.Mechanism(PyKCS11.CKM_AES_ECB)))
             # Not an empty message: through p11-kit's RPC that leaves the operation active.
             return bytes(session.sign(handle, b"p11guard key check", PyKCS11.Mechanism(PyKCS11.CKM_SHA256_HMAC)))
-        except PyKCS11.PyKCS11Error:
-            return b""
+        except PyKCS11.PyKCS11Error as exc:
+            if ckr_kind(int(exc.value)) != "user":
+                raise  # the device failed: no fingerprint now, rather than a wrong one
+            return b""  # the key may not do this: its type and CKA_ID identify it
 
     def op_destroy(self, args: dict[str, Any]) -> int:
         label = arg(args, "label", str)

@@ -22,11 +22,10 @@ from p11guard.supervisor._messages import (
     Submit,
     SupervisorTick,
 )
-from p11guard.supervisor._states import MAX_ATTEMPTS, MemberState, SharedState, SlotState, State
+from p11guard.supervisor._states import MemberState, SharedState, SlotState, State
 from p11guard.supervisor._supervisor import Supervisor
 
 __all__ = [
-    "MAX_ATTEMPTS",
     "AddCallback",
     "AddObserver",
     "AdmissionQueue",

@@ -39,7 +39,6 @@ from p11guard.supervisor._effects import Effects
 from p11guard.supervisor._states import (
     DISPATCHING,
     FINAL,
-    MAX_ATTEMPTS,
     OUTAGES_KEPT,
     Counters,
     Held,
@@ -79,6 +78,16 @@ def is_loss(error: BaseException | None) -> bool:
 
 def short(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+def _ownable(outcome: Any) -> bool:
+    """Can this error be the request's own, whatever the group does? A module error of kind
+    ``internal`` or ``session`` can (a module bug on one input, a handle that one key leaves
+    invalid); a loss code or a failed host never is -- such a job is retried until its
+    deadline, however often the probe says the group is fine (a probe whose connection did
+    not live through a short outage answers, while the workers' stay broken until renewed)."""
+    errors = [outcome] if isinstance(outcome, BaseException) else [o for o in outcome if isinstance(o, BaseException)]
+    return any(isinstance(e, RemoteError) and e.kind in ("internal", "session") for e in errors)
 
 
 class SupervisorBase(pykka.ThreadingActor):
@@ -237,10 +246,6 @@ class SupervisorBase(pykka.ThreadingActor):
         elif time.monotonic() >= job.deadline:
             job.last_error = short(error)
             self._expire(job)
-        elif job.attempts >= MAX_ATTEMPTS:
-            # A request that fails every host it meets (a module bug on that input, say)
-            # must not churn hosts until its deadline.
-            self._settle(job, error=error)
         elif self.config.policy == "fail_fast" and self.state not in DISPATCHING:
             self._settle(job, error=OutOfService(str(self.state), job.op))
         else:
@@ -280,7 +285,8 @@ class SupervisorBase(pykka.ThreadingActor):
             if h.at > probe_started:
                 keep.append(h)  # met its signal after this probe began: wait for the next
                 continue
-            h.job.cleared += 1
+            if _ownable(h.outcome):
+                h.job.cleared += 1
             if h.job.cleared >= 2:
                 if isinstance(h.outcome, BaseException):
                     self._settle(h.job, error=h.outcome)

@@ -20,7 +20,6 @@ from p11guard.base import Config
 __all__ = [
     "DISPATCHING",
     "FINAL",
-    "MAX_ATTEMPTS",
     "OUTAGES_KEPT",
     "Counters",
     "Held",
@@ -88,8 +87,6 @@ class SlotState(StrEnum):
 DISPATCHING = frozenset({State.SERVING, State.SUSPECT})
 #: States nothing leaves.
 FINAL = frozenset({State.FAILED, State.CLOSED})
-#: Runs of one job that may end in a loss signal before its last error is its answer.
-MAX_ATTEMPTS = 8
 #: Outages kept in the books (group and each member): the last ones; counters keep totals.
 OUTAGES_KEPT = 100
 

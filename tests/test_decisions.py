@@ -458,7 +458,6 @@ def test_a_loss_in_the_middle_of_a_frame_retries_idempotent_ops_exactly_once(rig
 
 
 def test_the_books_keep_the_last_outages_and_count_them_all(rig: Rig) -> None:
-    from p11guard.supervisor import MAX_ATTEMPTS  # noqa: F401 - the books' constants live beside it
     from p11guard.supervisor._states import OUTAGES_KEPT
 
     rig.serve()
@@ -468,3 +467,16 @@ def test_the_books_keep_the_last_outages_and_count_them_all(rig: Rig) -> None:
         rig.ready(rig.current())
     status = rig.send(StatusRequest())
     assert status["counters"]["recoveries"] == OUTAGES_KEPT + 20 and len(status["outages"]) == OUTAGES_KEPT
+
+
+def test_a_loss_code_is_never_the_requests_own_however_often_the_probe_answers(rig: Rig) -> None:
+    """Flapping: the probe's connection did not live through the blips, the workers' did."""
+    rig.serve()
+    job = rig.job()
+    rig.sup._on_submit(job)
+    for _ in range(5):
+        slot = next(s for s in rig.sup.slots.values() if job.seq in s.jobs)
+        rig.send(JobDone(slot.wid, 0, job, error=loss()))
+        rig.probe(fresh=False)  # the probe answers: that worker is renewed, the job retried
+        rig.ready([w for w in rig.current() if rig.sup.slots[w.wid].status == SlotState.RENEWING])
+    assert not job.future.done() and job.cleared == 0 and job.attempts == 6
