@@ -333,6 +333,8 @@ def run_cli(duration: float, seed: int, as_json: bool, soak: bool, backend: str 
     def say(text: str) -> None:
         print(text, file=sys.stderr if as_json else sys.stdout, flush=True)
 
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: the testbed is stopped by pid.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="p11guard-chaos-") as tmp:
         result = run(seed, duration, soak, say, Path(tmp), backend)
     if as_json:
