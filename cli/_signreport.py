@@ -34,6 +34,11 @@ class SignReport:
     stalls: list[dict[str, float]] = field(default_factory=list)
     #: With ``--timeline``: signatures per second and state changes (see ``_timeline``).
     timeline: dict[str, Any] | None = None
+    #: With ``--dask``: ``total``, ``done_before``, ``signed``, ``skipped`` (found done when
+    #: their task ran), ``failed`` (a list of ``{"k", "records", "reason"}``), ``size``.
+    partitions: dict[str, Any] | None = None
+    #: With ``--dask``: by worker address, its ``recoveries``, ``outages``, ``outage_s`` ...
+    workers: dict[str, dict[str, Any]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -49,6 +54,18 @@ class SignReport:
             f"recoveries {self.recoveries}, outage {self.outage_s:.1f} s, "
             f"elapsed {self.elapsed_s:.1f} s, {self.ops_per_s:,.0f} signatures/s",
         ]
+        if self.partitions is not None:
+            p = self.partitions
+            lines.append(
+                f"partitions {p['total']} of {p['size']} records: {p['done_before']} done before, "
+                f"{p['signed']} signed, {p['skipped']} found done, {len(p['failed'])} failed"
+            )
+        for address, w in (self.workers or {}).items():
+            gone = " (gone)" if w.get("gone") else ""
+            lines.append(
+                f"  worker {w.get('name')} {address}{gone}: recoveries {w.get('recoveries', 0)}, "
+                f"outages {w.get('outages', 0)} ({w.get('outage_s', 0.0):.1f} s)"
+            )
         for failure in self.failures[:SHOWN]:
             lines.append(f"  failed {failure['id']}: {failure['reason']}")
         if len(self.failures) > SHOWN:
