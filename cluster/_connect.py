@@ -41,7 +41,7 @@ def open_client(scheduler: str | Client, connect_s: float = 10.0) -> Iterator[Cl
             processes=True,
             host="127.0.0.1",
             scheduler_port=0,
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",  # never 8787: another cluster may have it
             silence_logs=logging.CRITICAL,
         )
         try:
