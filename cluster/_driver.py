@@ -212,8 +212,12 @@ class _Job:
         self.report.failed += count
         assert self.report.partitions is not None
         self.report.partitions["failed"].append({"k": k, "records": f"{start + 1}..{end}", "reason": reason})
-        for rid, why in records or []:
-            self.report.failures.append({"id": rid, "reason": why})
+        reasons = {why for _, why in records or []}
+        if len(reasons) == 1:  # one cause (the group was lost ...): one line, not one per record
+            reason = f"{len(records or [])} of its records: {reasons.pop()}; nothing written"
+        else:  # records of their own (too large, unreadable): each named
+            for rid, why in records or []:
+                self.report.failures.append({"id": rid, "reason": why})
         self.report.failures.append({"id": f"partition {k} (records {start + 1}..{end})", "reason": reason})
         if self.watch is not None:
             self.watch.record(0, failed=True)

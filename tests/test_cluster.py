@@ -281,3 +281,36 @@ def test_a_rerun_that_does_not_match_is_refused(
     (out / "part-00009.jsonl").write_bytes(b"")
     with pytest.raises(UsageError, match="another run's output"):
         sign_on_cluster(str(group.config_path), EC_KEY, source, out, scheduler="tcp://127.0.0.1:9", partition_size=20)
+
+
+def test_failed_partitions_write_nothing_exit_1_and_a_rerun_resumes(
+    cluster: Cluster, group: Testbed, tmp_path: Path, pubkey: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fail_fast: partitions whose records meet the loss fail whole, are listed, exit 1."""
+    from cli_helpers import run
+
+    config = tmp_path / "fail-fast.toml"
+    config.write_text(group.config_path.read_text() + '\n[admission]\npolicy = "fail_fast"\n')
+    source, out = records(tmp_path, 4_000), tmp_path / "sigs"
+    address = cluster.cluster.scheduler_address
+    argv = ["sign", "--config", str(config), "--key", EC_KEY, "--in", str(source), "--out", str(out),
+            "--dask", address, "--partition-size", "250", "--quiet"]  # fmt: skip
+    group.fault("latency", 1)
+    code: list[tuple[int, str, str]] = []
+    runner = threading.Thread(target=lambda: code.append(run(capsys, argv)), daemon=True)
+    runner.start()
+    wait_until(lambda: len(parts(out)) >= 2, 60, "2 partitions signed")
+    group.fault("lose")
+    runner.join(60)
+    assert not runner.is_alive()
+    status, stdout, _ = code[0]
+    done = len(parts(out))
+    assert status == 1 and done < 16, stdout
+    assert f"{16 - done} failed" in stdout and "250 of its records: batch refused: out of service" in stdout, stdout
+    for p in parts(out):  # what was written is whole
+        assert len(p.read_bytes().splitlines()) == 250
+    group.fault("restore")
+    group.fault("latency", 0)
+    status, stdout, _ = run(capsys, argv)
+    assert status == 0 and f"{done} done before" in stdout, stdout
+    verified(source, out, pubkey)
