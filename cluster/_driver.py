@@ -212,11 +212,14 @@ class _Job:
         self.report.failed += count
         assert self.report.partitions is not None
         self.report.partitions["failed"].append({"k": k, "records": f"{start + 1}..{end}", "reason": reason})
-        reasons = {why for _, why in records or []}
-        if len(reasons) == 1:  # one cause (the group was lost ...): one line, not one per record
-            reason = f"{len(records or [])} of its records: {reasons.pop()}; nothing written"
-        else:  # records of their own (too large, unreadable): each named
-            for rid, why in records or []:
+        by_reason: dict[str, list[str]] = {}
+        for rid, why in records or []:
+            by_reason.setdefault(why, []).append(rid)
+        if len(by_reason) == 1 and len(records or []) == count:  # one cause for all (a loss): one line
+            reason = f"{count} of its records: {next(iter(by_reason))}; nothing written"
+        else:  # a record of its own (too large, unreadable) is named; many with one cause, together
+            for why, ids in by_reason.items():
+                rid = ids[0] if len(ids) == 1 else f"{len(ids)} records, {ids[0]} .. {ids[-1]}"
                 self.report.failures.append({"id": rid, "reason": why})
         self.report.failures.append({"id": f"partition {k} (records {start + 1}..{end})", "reason": reason})
         if self.watch is not None:

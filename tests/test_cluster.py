@@ -15,6 +15,7 @@ import sys
 import threading
 import tomllib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from distributed import Future
 
 from conftest import EC_KEY, child_env, gone, repo_root, wait_until
 from p11guard.base import Config, ConfigError
-from p11guard.cli._partplan import make_plan
+from p11guard.cli._partplan import make_plan, partition_records
 from p11guard.cli._paths import UsageError
 from p11guard.cli._verify import run_verify
 from p11guard.cluster import GuardPlugin, PartResult, PartSpec, sign_on_cluster, sign_partition
@@ -113,31 +114,37 @@ def test_outage_every_record_once_one_recovery_per_worker(
 def test_worker_killed_mid_run_its_hosts_die_output_exactly_once(
     cluster: Cluster, group: Testbed, tmp_path: Path, pubkey: Path
 ) -> None:
-    source, out = records(tmp_path, 6_000), tmp_path / "sigs"
+    source, out = records(tmp_path, 4_000), tmp_path / "sigs"
     group.fault("latency", 1)  # long enough a run to kill a worker in the middle of it
+    # --shared-out: the workers read --in and write the parts themselves
     job = Job(str(group.config_path), EC_KEY, source, out, scheduler=cluster.client, quiet=True,
-              partition_size=500)  # fmt: skip
+              partition_size=250, shared_out=True)  # fmt: skip
     job.start()
     wait_until(lambda: len(parts(out)) >= 2, 60, "2 partitions signed")
     views = cluster.views()
     address = max(views, key=lambda a: len(views[a].get("hosts", {})))
     pid, hosts = cluster.kill_worker(address)
     assert len(hosts) == sessions(group)  # its guard's workers and the probe
-    assert len(parts(out)) < 12, "the run ended before the kill: make it longer"
+    assert len(parts(out)) < 16, "the run ended before the kill: make it longer"
     all_gone([pid, *hosts], 5, "the killed worker or one of its hosts")
     report = job.result(80)
-    assert report.ok and report.signed == 6_000, report.summary()
+    assert report.ok and report.signed == 4_000, report.summary()
     assert report.workers is not None and any(w["gone"] for w in report.workers.values()), report.workers
     verified(source, out, pubkey)
     lines = [json.loads(line) for p in parts(out) for line in p.read_bytes().splitlines()]
-    assert sorted(int(e["id"]) for e in lines) == list(range(1, 6_001))
+    assert sorted(int(e["id"]) for e in lines) == list(range(1, 4_001))
 
 
 def test_held_futures_recomputed_after_a_worker_dies_skip_without_hsm(
     cluster: Cluster, group: Testbed, tmp_path: Path
 ) -> None:
     """Dask recomputes a dead worker's finished tasks while the client holds their futures:
-    the recomputed partitions find their part files and sign nothing."""
+    the recomputed partitions find themselves done and sign nothing. Even partitions are
+    --shared-out (the worker wrote the part), odd ones shipped (the driver wrote the part and
+    marked it done in the scheduler's metadata, as ``sign_on_cluster`` does)."""
+    from p11guard.cli._parts import write_part
+    from p11guard.cluster._task import DONE_KEY
+
     source, out = records(tmp_path, 1_200), tmp_path / "sigs"
     out.mkdir()
     plan = make_plan(source, 100)
@@ -147,11 +154,20 @@ def test_held_futures_recomputed_after_a_worker_dies_skip_without_hsm(
         futures: list[Future[PartResult]] = []
         for k in range(plan.partitions):
             start, end = plan.bounds(k)
-            spec = PartSpec("held", k, EC_KEY, "ecdsa-sha256", None, shared_out=str(out), source=str(source),
-                            first=start + 1, count=end - start, offset=plan.offsets[k])  # fmt: skip
-            futures.append(client.submit(sign_partition, spec, key=f"held-{k}", pure=False))
+            spec = PartSpec("held", k, EC_KEY, "ecdsa-sha256", None, first=start + 1, count=end - start)
+            if k % 2 == 0:
+                spec = replace(spec, shared_out=str(out), source=str(source), offset=plan.offsets[k])
+                futures.append(client.submit(sign_partition, spec, key=f"held-{k}", pure=False))
+            else:
+                shipped = [(r.id, r.data) for r in partition_records(plan, k)]
+                futures.append(client.submit(sign_partition, spec, shipped, key=f"held-{k}", pure=False))
         first = [f.result() for f in futures]
         assert [r.status for r in first] == ["signed"] * 12 and sum(r.hsm_ops for r in first) == 1_200
+        for k, result in enumerate(first):
+            if result.lines is not None:
+                write_part(out, k, result.lines)
+                client.set_metadata([DONE_KEY, "held", str(k)], True)
+        assert len(parts(out)) == 12
         mtimes = {p: p.stat().st_mtime_ns for p in parts(out)}
         holders = client.who_has(futures)
         victim = max(cluster.views(), key=lambda a: sum(a in w for w in holders.values()))
@@ -166,10 +182,11 @@ def test_held_futures_recomputed_after_a_worker_dies_skip_without_hsm(
         assert {p: p.stat().st_mtime_ns for p in parts(out)} == mtimes
     finally:
         client.unregister_worker_plugin("p11guard")
+        client.set_metadata([DONE_KEY, "held"], None)
 
 
 def test_driver_killed_leaves_no_process_and_a_rerun_resumes(group: Testbed, tmp_path: Path, pubkey: Path) -> None:
-    source, out = records(tmp_path, 8_000), tmp_path / "sigs"
+    source, out = records(tmp_path, 6_000), tmp_path / "sigs"
     group.fault("latency", 1)
     argv = [sys.executable, "-m", "p11guard", "sign", "--config", str(group.config_path), "--key", EC_KEY,
             "--in", str(source), "--out", str(out), "--dask", "local:2", "--partition-size", "500",
@@ -191,14 +208,14 @@ def test_driver_killed_leaves_no_process_and_a_rerun_resumes(group: Testbed, tmp
             driver.wait(10)
     all_gone(family, 15, "a process of the killed driver's cluster")
     done = len(parts(out))
-    assert 2 <= done < 16
-    (out / ".part-00015.jsonl.0123456789abcdef0123456789abcdef.tmp").write_bytes(b"torn")
+    assert 2 <= done < 12
+    (out / ".part-00011.jsonl.0123456789abcdef0123456789abcdef.tmp").write_bytes(b"torn")
 
     group.fault("latency", 0)
     with Descendants() as started:
         report = sign_on_cluster(str(group.config_path), EC_KEY, source, out, scheduler="local:2", quiet=True,
                                  partition_size=500)  # fmt: skip
-    assert report.ok and report.skipped == done * 500 and report.signed == 8_000 - done * 500, report.summary()
+    assert report.ok and report.skipped == done * 500 and report.signed == 6_000 - done * 500, report.summary()
     assert report.partitions is not None and report.partitions["done_before"] == done
     assert not list(out.glob(".*.tmp"))
     verified(source, out, pubkey)
@@ -314,3 +331,48 @@ def test_failed_partitions_write_nothing_exit_1_and_a_rerun_resumes(
     status, stdout, _ = run(capsys, argv)
     assert status == 0 and f"{done} done before" in stdout, stdout
     verified(source, out, pubkey)
+
+
+def test_a_directory_in_sorted_partitions_a_record_that_cannot_be_signed_fails_its_own(
+    cluster: Cluster, group: Testbed, tmp_path: Path, pubkey: Path
+) -> None:
+    source, out = tmp_path / "files", tmp_path / "sigs"
+    for i in range(30):
+        path = source / f"d{i % 3}" / f"f{i:02d}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"file %d" % i)
+    (source / "a-top").write_bytes(b"top")
+    os.mkfifo(source / "d2" / "zz-fifo")  # the last id: partition 4 of 7 records each
+    report = sign_on_cluster(str(group.config_path), EC_KEY, source, out, scheduler=cluster.client, quiet=True,
+                             partition_size=7)  # fmt: skip
+    assert not report.ok and report.signed == 28 and report.failed == 4, report.summary()
+    assert report.partitions is not None and [f["k"] for f in report.partitions["failed"]] == [4]
+    assert any("zz-fifo" in f["id"] and "FIFO" in f["reason"] for f in report.failures), report.failures
+    assert [p.name for p in parts(out)] == [f"part-0000{k}.jsonl" for k in range(4)]
+    ids = [json.loads(line)["id"] for p in parts(out) for line in p.read_bytes().splitlines()]
+    assert ids == sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())[:28]
+    check = run_verify(source, out, pubkey)
+    assert check.valid == 28 and check.missing == ["d2/f23", "d2/f26", "d2/f29", "d2/zz-fifo"], check.summary()
+
+
+def test_a_worker_that_cannot_start_its_guard_stops_the_job_once(
+    cluster: Cluster, group: Testbed, tmp_path: Path
+) -> None:
+    """The PIN file goes away mid-run, then a worker dies: its Nanny restarts it, its guard
+    cannot start, and the job stops with that error once (not once per task)."""
+    pin = tmp_path / "copy.pin"
+    pin.write_text(group.pin.reveal())
+    pin.chmod(0o600)
+    source, out = records(tmp_path, 4_000), tmp_path / "sigs"
+    group.fault("latency", 1)
+    job = Job(config_dict(group, pin_file=str(pin)), EC_KEY, source, out, scheduler=cluster.client, quiet=True,
+              partition_size=100)  # fmt: skip
+    job.start()
+    wait_until(lambda: len(parts(out)) >= 2, 60, "2 partitions signed")
+    pin.unlink()
+    cluster.kill_worker(next(iter(cluster.views())))
+    with pytest.raises(ConfigError, match=r"stopped: a worker cannot start its guard: group\.pin_file: .*copy\.pin"):
+        job.result(60)
+    assert len(parts(out)) < 40
+    left = cluster.client.run(lambda dask_worker: sorted(dask_worker.plugins))
+    assert not [n for names in left.values() for n in names if n.startswith("p11guard")]
