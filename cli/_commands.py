@@ -118,7 +118,7 @@ def _sign_dask(opts: argparse.Namespace) -> int:
         opts.out,
         scheduler=opts.dask,
         mechanism=opts.mechanism,
-        partition_size=opts.partition_size or 2000,
+        partition_size=2000 if opts.partition_size is None else opts.partition_size,
         shared_out=opts.shared_out,
         report_path=opts.report,
         quiet=opts.quiet,

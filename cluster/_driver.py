@@ -45,6 +45,11 @@ from p11guard.cluster._watch import Watch
 __all__ = ["MAX_PARTITION_SIZE", "sign_on_cluster"]
 
 MAX_PARTITION_SIZE = 1_000_000
+#: How long a job waits for the first worker of a cluster.
+WAIT_WORKERS_S = 60.0
+#: Records shipped with tasks in flight at most (more only if one partition is larger):
+#: the client's memory stays bounded whatever the records weigh.
+WINDOW_BYTES = 256 * 1024 * 1024
 
 
 def _check_out_dir(out: Path) -> None:
@@ -137,7 +142,13 @@ def sign_on_cluster(
             report.write(report_file)
         return report
     with open_client(scheduler) as client:
-        client.wait_for_workers(1, timeout=60)
+        try:
+            client.wait_for_workers(1, timeout=WAIT_WORKERS_S)
+        except TimeoutError:
+            raise UsageError(
+                f"--dask {scheduler}: no Dask worker joined within {WAIT_WORKERS_S:g} s: start `dask worker "
+                "SCHEDULER_ADDRESS` on the machines that sign"
+            ) from None
         plugin = GuardPlugin(carried, plugin_name)
         _register(client, plugin)
         try:
@@ -187,7 +198,8 @@ class _Job:
         self.shared, self.plugin, self.run_id = shared, plugin, run
         threads = sum(client.nthreads().values())
         self.window = max(4, 2 * threads)
-        self.inflight: dict[Any, tuple[int, Future[PartResult]]] = {}  # by task key
+        self.inflight: dict[Any, tuple[int, Future[PartResult], int]] = {}  # by task key: k, future, bytes
+        self.shipped = 0  # bytes of records in flight
         done = done_parts(out, plan.partitions)
         self.todo = [k for k in range(plan.partitions) if k not in done]
         before = sum(self._count(k) for k in done)
@@ -254,7 +266,9 @@ class _Job:
         future = self.client.submit(
             sign_partition, self._spec(k), shipped, key=f"p11guard-part-{self.run_id}-{k:05d}", pure=False, retries=0
         )
-        self.inflight[future.key] = (k, future)
+        size = sum(len(data) for _, data in shipped or [])
+        self.inflight[future.key] = (k, future, size)
+        self.shipped += size
         return future
 
     def run(self, watch: Watch) -> None:
@@ -263,7 +277,7 @@ class _Job:
         pending = as_completed()
 
         def fill() -> None:
-            while pending.count() < self.window:
+            while pending.count() < self.window and (self.shipped < WINDOW_BYTES or not pending.count()):
                 k = next(todo, None)
                 if k is None:
                     return
@@ -277,12 +291,13 @@ class _Job:
                 self._take(future)
                 fill()
         except BaseException:
-            self.client.cancel([f for _, f in self.inflight.values()], reason="p11guard: the job stopped")
+            self.client.cancel([f for _, f, _ in self.inflight.values()], reason="p11guard: the job stopped")
             self.inflight.clear()
             raise
 
     def _take(self, future: Future[PartResult]) -> None:
-        k, _ = self.inflight.pop(future.key)
+        k, _, size = self.inflight.pop(future.key)
+        self.shipped -= size
         try:
             result: PartResult = future.result()
         except Exception as exc:  # KilledWorker (its worker died allowed-failures times), ...

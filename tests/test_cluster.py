@@ -29,7 +29,7 @@ from p11guard.base import Config, ConfigError
 from p11guard.cli._partplan import make_plan, partition_records
 from p11guard.cli._paths import UsageError
 from p11guard.cli._verify import run_verify
-from p11guard.cluster import GuardPlugin, PartResult, PartSpec, sign_on_cluster, sign_partition
+from p11guard.cluster import GuardPlugin, PartResult, PartSpec, open_client, sign_on_cluster, sign_partition
 from p11guard.testbed import Testbed
 
 pytestmark = pytest.mark.timeout(90)
@@ -185,7 +185,11 @@ def test_held_futures_recomputed_after_a_worker_dies_skip_without_hsm(
         client.set_metadata([DONE_KEY, "held"], None)
 
 
-def test_driver_killed_leaves_no_process_and_a_rerun_resumes(group: Testbed, tmp_path: Path, pubkey: Path) -> None:
+def test_driver_killed_leaves_no_process_and_a_rerun_resumes(
+    group: Testbed, tmp_path: Path, pubkey: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli_helpers import run
+
     source, out = records(tmp_path, 6_000), tmp_path / "sigs"
     group.fault("latency", 1)
     argv = [sys.executable, "-m", "p11guard", "sign", "--config", str(group.config_path), "--key", EC_KEY,
@@ -210,6 +214,10 @@ def test_driver_killed_leaves_no_process_and_a_rerun_resumes(group: Testbed, tmp
     done = len(parts(out))
     assert 2 <= done < 12
     (out / ".part-00011.jsonl.0123456789abcdef0123456789abcdef.tmp").write_bytes(b"torn")
+    merged = tmp_path / "merged.jsonl"
+    status, stdout, _ = run(capsys, ["merge", str(out), "--out", str(merged)])
+    assert status == 1 and f"merged {done} part(s)" in stdout and "missing partitions: " in stdout, stdout
+    assert len(merged.read_bytes().splitlines()) == done * 500
 
     group.fault("latency", 0)
     with Descendants() as started:
@@ -219,6 +227,9 @@ def test_driver_killed_leaves_no_process_and_a_rerun_resumes(group: Testbed, tmp
     assert report.partitions is not None and report.partitions["done_before"] == done
     assert not list(out.glob(".*.tmp"))
     verified(source, out, pubkey)
+    assert run(capsys, ["merge", str(out), "--out", str(merged)])[0] == 0
+    verified(source, merged, pubkey)  # one file, in record order
+    assert [int(json.loads(line)["id"]) for line in merged.read_bytes().splitlines()] == list(range(1, 6_001))
     assert started.seen, "the local cluster started no process?"
     # multiprocessing's resource tracker serves this process for its whole life, not the cluster
     left = {pid: cmd for pid, cmd in started.seen.items() if not gone(pid) and "resource_tracker" not in cmd}
@@ -376,3 +387,24 @@ def test_a_worker_that_cannot_start_its_guard_stops_the_job_once(
     assert len(parts(out)) < 40
     left = cluster.client.run(lambda dask_worker: sorted(dask_worker.plugins))
     assert not [n for names in left.values() for n in names if n.startswith("p11guard")]
+
+
+def test_usage_errors_of_the_dask_options(group: Testbed, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cli_helpers import usage_error
+
+    source = records(tmp_path, 5)
+    base = ["sign", "--config", str(group.config_path), "--key", EC_KEY, "--in", str(source), "--quiet"]
+    one_file = [*base, "--out", str(tmp_path / "o.jsonl")]
+    usage_error(capsys, [*one_file, "--partition-size", "9"], "--partition-size", "--dask")
+    usage_error(capsys, [*base, "--out", str(tmp_path / "d"), "--dask", "local:2", "--timeline", "t.png"], "--timeline")
+    usage_error(capsys, [*base, "--out", str(tmp_path / "d"), "--dask", "scheduler:8786"], "tcp://HOST:8786")
+    usage_error(capsys, [*base, "--out", str(tmp_path / "d"), "--dask", "local:0"], "between 1 and 64")
+    usage_error(capsys, [*base, "--out", str(source), "--dask", "local:2"], "not a directory")
+    usage_error(capsys, [*base, "--out", str(tmp_path / "d"), "--dask", "local:2", "--partition-size", "0"],
+                "--partition-size must be between 1")  # fmt: skip
+    with pytest.raises(UsageError, match="no Dask scheduler answers there"), open_client("tcp://127.0.0.1:9", 1.0):
+        pass
+    assert not (tmp_path / "d").exists()
+    usage_error(capsys, ["merge", str(tmp_path), "--out", str(tmp_path / "m.jsonl")], "manifest.json")
+    usage_error(capsys, ["verify", "--in", str(source), "--sigs", str(tmp_path), "--pubkey", str(source)],
+                "manifest.json")  # fmt: skip
