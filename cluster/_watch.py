@@ -105,7 +105,7 @@ class Watch:
             pass
         out: dict[str, dict[str, Any]] = {}
         with self.lock:
-            for address, v in sorted(self.views.items()):
+            for address, v in sorted(self.views.items(), key=lambda item: (str(item[1].get("name")), item[0])):
                 outages = v.get("outages") or []
                 out[address] = {
                     "name": v.get("name"),
