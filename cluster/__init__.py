@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from p11guard.cluster._config import ConfigSource, client_config, worker_config
     from p11guard.cluster._connect import open_client
     from p11guard.cluster._driver import sign_on_cluster
-    from p11guard.cluster._plugin import PLUGIN_NAME, GuardPlugin, worker_plugin
+    from p11guard.cluster._plugin import PLUGIN_NAME, GuardPlugin, remove_plugin, worker_plugin
     from p11guard.cluster._task import PartResult, PartSpec, sign_partition, worker_view
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "PartSpec",
     "client_config",
     "open_client",
+    "remove_plugin",
     "sign_on_cluster",
     "sign_partition",
     "worker_config",
@@ -48,6 +49,7 @@ _HOMES = {
     "PLUGIN_NAME": "_plugin",
     "GuardPlugin": "_plugin",
     "worker_plugin": "_plugin",
+    "remove_plugin": "_plugin",
     "PartResult": "_task",
     "PartSpec": "_task",
     "sign_partition": "_task",

@@ -38,7 +38,7 @@ from p11guard.cli._progress import make_progress
 from p11guard.cli._signreport import SignReport
 from p11guard.cluster._config import client_config
 from p11guard.cluster._connect import open_client
-from p11guard.cluster._plugin import PLUGIN_NAME, GuardPlugin
+from p11guard.cluster._plugin import PLUGIN_NAME, GuardPlugin, remove_plugin
 from p11guard.cluster._task import DONE_KEY, PartResult, PartSpec, resolve_key_task, sign_partition
 from p11guard.cluster._watch import Watch
 
@@ -83,15 +83,8 @@ def _register(client: Client, plugin: GuardPlugin) -> None:
     try:
         client.register_plugin(plugin, name=plugin.name)
     except BaseException:
-        _unregister(client, plugin.name)
+        remove_plugin(client, plugin.name)
         raise
-
-
-def _unregister(client: Client, name: str) -> None:
-    try:
-        client.unregister_worker_plugin(name)
-    except Exception:
-        pass
 
 
 def sign_on_cluster(
@@ -176,7 +169,7 @@ def sign_on_cluster(
                 except Exception:
                     pass
         finally:
-            _unregister(client, plugin_name)
+            remove_plugin(client, plugin_name)
     report = job.report
     workers = report.workers or {}
     report.recoveries = sum(w["recoveries"] for w in workers.values())
@@ -307,7 +300,7 @@ class _Job:
         future.release()  # Dask would recompute it if its worker died now
         assert self.report.partitions is not None and self.watch is not None
         if result.status == "fatal":
-            raise ConfigError(f"stopped: a worker cannot start its guard: {result.reason}")
+            raise ConfigError(f"stopped: a worker cannot sign: {result.reason}")
         if result.status == "failed":
             self._fail(k, result.reason or f"{len(result.failures)} of its records failed: nothing written",
                        result.failures)  # fmt: skip

@@ -25,9 +25,9 @@ from p11guard._guard import Guard
 from p11guard.cluster._config import ConfigSource, worker_config
 
 if TYPE_CHECKING:
-    from distributed import Worker
+    from distributed import Client, Worker
 
-__all__ = ["PLUGIN_NAME", "GuardPlugin", "worker_plugin"]
+__all__ = ["PLUGIN_NAME", "GuardPlugin", "remove_plugin", "worker_plugin"]
 
 PLUGIN_NAME = "p11guard"
 _DEAD = ("FAILED", "CLOSED")
@@ -144,3 +144,22 @@ def worker_plugin(name: str = PLUGIN_NAME) -> GuardPlugin:
     if not isinstance(plugin, GuardPlugin):
         raise LookupError(f"no p11guard plugin {name!r} on this worker: register GuardPlugin first")
     return plugin
+
+
+async def _remove_here(dask_worker: Worker, name: str) -> None:
+    if name in dask_worker.plugins:
+        await dask_worker.plugin_remove(name)
+
+
+def remove_plugin(client: Client, name: str = PLUGIN_NAME) -> None:
+    """Take the plugin off the cluster: off the scheduler (no worker that joins gets it)
+    and off every worker (its guard closes). A worker that was joining while the scheduler
+    dropped it may still have got it: it is asked directly too."""
+    try:
+        client.unregister_worker_plugin(name)
+    except Exception:
+        pass  # not registered (any more)
+    try:
+        client.run(_remove_here, name=name, on_error="ignore")
+    except Exception:
+        pass  # the cluster is going away
