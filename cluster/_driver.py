@@ -72,8 +72,10 @@ def _check_resume(out: Path, plan: Plan, key: str, mechanism: str | None) -> Man
         reason = old.mismatch(probe)
         if reason is not None:
             raise UsageError(f"--out {out} cannot be resumed: {reason}; choose another --out")
-    if out.is_dir():
-        done_parts(out, plan.partitions)  # refuses parts of another input
+    if out.is_dir() and done_parts(out, plan.partitions) and old is None:  # (parts of another input: refused)
+        raise UsageError(
+            f"--out {out} holds part files but no manifest.json: not this job's output; choose another --out"
+        )
     return old
 
 
