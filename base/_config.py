@@ -99,8 +99,8 @@ class Config:
         return f"Config({shown})"
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> Config:
-        """Read and validate a TOML config file.
+    def from_file(cls, path: str | os.PathLike[str], local: bool = True) -> Config:
+        """Read and validate a TOML config file (``local``: as :meth:`validate`).
 
         Raises:
             ConfigError: unreadable file, bad TOML, unknown or invalid field.
@@ -114,11 +114,14 @@ class Config:
             data = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
-        return cls.from_dict(data, base_dir=p.resolve().parent, source=str(p))
+        return cls.from_dict(data, base_dir=p.resolve().parent, source=str(p), local=local)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None, source: str | None = None) -> Config:
-        """Validate a parsed config (the TOML structure) and build a :class:`Config`."""
+    def from_dict(
+        cls, data: dict[str, Any], base_dir: Path | None = None, source: str | None = None, local: bool = True
+    ) -> Config:
+        """Validate a parsed config (the TOML structure) and build a :class:`Config`
+        (``local``: as :meth:`validate`)."""
         for section, values in data.items():
             if section not in _SCHEMA:
                 raise ConfigError(f"unknown section (known: {', '.join(_SCHEMA)})", section)
@@ -173,7 +176,7 @@ class Config:
                 # seconds: checked before float(), which overflows on a huge TOML integer
                 kwargs[attr] = float(check_seconds(value, f"{section}.{key}")) if attr.endswith("_s") else value
         config = cls(**kwargs)
-        config.validate()
+        config.validate(local)
         return config
 
     def member_configs(self) -> list[tuple[str, Config]]:
@@ -204,13 +207,17 @@ class Config:
         config.validate()
         return config
 
-    def validate(self) -> None:
-        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+    def validate(self, local: bool = True) -> None:
+        """Check every field; raise :class:`ConfigError` naming the first bad one.
+
+        ``local=False`` leaves out what only the machine that runs the guard can check (that
+        the module files exist): a client checking a config for other machines (Dask workers).
+        """
         if not self.module_path:
             raise ConfigError("must not be empty", "module.path")
-        if not os.path.exists(self.module_path):
+        if local and not os.path.exists(self.module_path):
             raise ConfigError(f"no such file {self.module_path!r} (the PKCS#11 module)", "module.path")
-        if not os.path.isfile(self.module_path):
+        if local and not os.path.isfile(self.module_path):
             raise ConfigError(f"{self.module_path!r} is not a file", "module.path")
         check_env(self.module_env, "module.env")
         if not self.token_label:
@@ -229,7 +236,7 @@ class Config:
                 raise ConfigError(f"{member.name!r} is listed twice; member names must be unique", f"{where}.name")
             seen.add(member.name)
             check_env(member.env, f"{where}.env")
-            if member.path is not None and not os.path.isfile(member.path):
+            if local and member.path is not None and not os.path.isfile(member.path):
                 raise ConfigError(f"no such file {member.path!r} (the member's PKCS#11 module)", f"{where}.path")
             if member.token_label is not None and not member.token_label:
                 raise ConfigError("must not be empty", f"{where}.token_label")

@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=1.0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--report", metavar="DIR", help="write bench.json, bench.png and a BENCHMARKS.md section")
+    parser.add_argument("--dask", action="store_true", help="only the Dask job against one guard (bench/_dask.py)")
+    parser.add_argument("--records", type=int, default=20_000, help="--dask: records per run")
+    parser.add_argument("--partition-size", type=int, default=2000, help="--dask: records per partition")
     opts = parser.parse_args(argv)
     if opts.case:
         print(json.dumps(CASES[json.loads(opts.case)["kind"]](json.loads(opts.case))))
@@ -211,6 +214,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
+
+    if opts.dask:
+        from bench._dask import dask_table, run_dask
+
+        if opts.tiny:
+            opts.runs = 1
+        found = run_dask(opts, say)
+        print(json.dumps(found) if opts.json else dask_table(found))
+        return 0
 
     data = run_all(opts, say)
     if opts.json:

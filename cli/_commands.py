@@ -1,4 +1,4 @@
-"""The HSM commands of the CLI: keys, keygen, status, pubkey, sign, verify, chaos."""
+"""The HSM commands of the CLI: keys, keygen, status, pubkey, sign (also on Dask), verify, merge, chaos."""
 
 from __future__ import annotations
 
@@ -78,6 +78,11 @@ def _pubkey(opts: argparse.Namespace) -> int:
 
 
 def _sign(opts: argparse.Namespace) -> int:
+    if opts.dask is not None:
+        return _sign_dask(opts)
+    for flag, given in (("--partition-size", opts.partition_size is not None), ("--shared-out", opts.shared_out)):
+        if given:
+            raise UsageError(f"{flag} is for the Dask job: add --dask tcp://HOST:8786 or --dask local:N")
     from p11guard.cli._signjob import run_sign
 
     report = run_sign(
@@ -98,6 +103,48 @@ def _sign(opts: argparse.Namespace) -> int:
     if report.changed:
         print(report.changed_line(), file=sys.stderr)
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _sign_dask(opts: argparse.Namespace) -> int:
+    for flag, given in (("--resign-changed", opts.resign_changed), ("--timeline", opts.timeline)):
+        if given:
+            raise UsageError(f"{flag} is not available with --dask; sign without --dask for it")
+    path = opts.config or os.environ.get("P11GUARD_CONFIG")
+    if not path:
+        raise UsageError("no config: give --config FILE (or set P11GUARD_CONFIG)")
+    try:
+        from p11guard.cluster import sign_on_cluster  # the layer beside the CLI, reached on demand
+    except ImportError as exc:
+        raise UsageError(f"--dask needs Dask ({exc.name} is missing): pip install 'p11guard[dask]'") from None
+
+    report = sign_on_cluster(
+        path,
+        opts.key,
+        opts.input,
+        opts.out,
+        scheduler=opts.dask,
+        mechanism=opts.mechanism,
+        partition_size=2000 if opts.partition_size is None else opts.partition_size,
+        shared_out=opts.shared_out,
+        report_path=opts.report,
+        quiet=opts.quiet,
+    )
+    print(report.summary())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _merge(opts: argparse.Namespace) -> int:
+    from p11guard.cli._parts import merge_parts
+
+    out = Path(opts.out)
+    check_output(out, "--out", replaced=True)
+    merged, missing = merge_parts(Path(opts.dir), out)
+    print(f"merged {merged} part(s) into {out}")
+    if missing:
+        more = f" ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+        print(f"missing partitions: {', '.join(map(str, missing[:20]))}{more} (re-run sign --dask to finish them)")
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _verify(opts: argparse.Namespace) -> int:
@@ -163,7 +210,28 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--key", required=True, help="the signing key: its label, or a PKCS#11 URI (pkcs11:object=...)")
     p.add_argument("--in", dest="input", required=True, metavar="PATH", help="directory or file")
-    p.add_argument("--out", required=True, metavar="OUT.jsonl", help="signatures, one JSON object per line")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="OUT.jsonl",
+        help="signatures, one JSON object per line (with --dask: a directory of part files)",
+    )
+    p.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="run on a Dask cluster: its scheduler (tcp://HOST:8786), or local:N worker processes here",
+    )
+    p.add_argument(
+        "--partition-size",
+        type=int,
+        metavar="N",
+        help="with --dask: records per partition, one part file each (default 2000; fixed for an --out)",
+    )
+    p.add_argument(
+        "--shared-out",
+        action="store_true",
+        help="with --dask: workers read --in and write --out themselves (both on storage every worker sees)",
+    )
     p.add_argument("--mechanism", help="default from the key type: " + ", ".join(mechanisms_for("sign")))
     p.add_argument(
         "--digest",
@@ -202,6 +270,11 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("verify", help="check a signature file with no HSM (cryptography only)")
     p.add_argument("--in", dest="input", required=True, metavar="PATH")
-    p.add_argument("--sigs", required=True, metavar="OUT.jsonl")
+    p.add_argument("--sigs", required=True, metavar="OUT.jsonl", help="a signature file, or a directory of part files")
     p.add_argument("--pubkey", required=True, metavar="pub.pem")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser("merge", help="write the part files of a `sign --dask` directory as one JSONL, in record order")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--out", required=True, metavar="OUT.jsonl")
+    p.set_defaults(func=_merge)

@@ -26,7 +26,8 @@ class _Null:
 
 
 class _Plain:
-    """One line every ``every_s`` seconds (and at every state change): for logs and pipes."""
+    """One line every ``every_s`` seconds (and at every state change; what follows `` -- ``
+    in the state is detail that does not count as a change): for logs and pipes."""
 
     def __init__(self, total: int, label: str, stream: TextIO, every_s: float = 2.0) -> None:
         self.total = total
@@ -41,9 +42,11 @@ class _Plain:
     def update(self, done: int, state: str, recoveries: int) -> None:
         now = time.monotonic()
         self.done = done
-        if now - self.last < self.every_s and state == self.state:
+        # a change of the state proper prints at once; details after " -- " wait their turn
+        proper = state.split(" -- ", 1)[0]
+        if now - self.last < self.every_s and proper == self.state:
             return
-        self.last, self.state = now, state
+        self.last, self.state = now, proper
         rate = done / max(now - self.start, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         eta_text = f"{eta:.0f} s" if eta != float("inf") else "?"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -40,6 +41,7 @@ __all__ = [
     "iter_records",
     "parse_digest",
     "parse_entry",
+    "read_lines",
     "signature_line",
 ]
 
@@ -117,8 +119,16 @@ def iter_records(source: Path, limit: int = MAX_RECORD) -> Iterator[Record]:
         yield from _lines(fh, limit)
 
 
-def _lines(fh: BinaryIO, limit: int) -> Iterator[Record]:
-    n = 0
+def read_lines(source: Path, offset: int, first: int, count: int, limit: int = MAX_RECORD) -> Iterator[Record]:
+    """``count`` line records of the file ``source`` from byte ``offset``, where line
+    number ``first`` starts (a partition of a file input: see :mod:`p11guard.cli._partplan`)."""
+    with open_regular(source, "--in") as fh:
+        fh.seek(offset)
+        yield from itertools.islice(_lines(fh, limit, first), count)
+
+
+def _lines(fh: BinaryIO, limit: int, first: int = 1) -> Iterator[Record]:
+    n = first - 1
     while line := fh.readline(limit + 3):
         n += 1
         if line.endswith(b"\n"):

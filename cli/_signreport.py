@@ -38,6 +38,11 @@ class SignReport:
     stopped: str | None = None
     #: Records not tried because the run stopped early.
     not_tried: int = 0
+    #: With ``--dask``: ``total``, ``done_before``, ``signed``, ``skipped`` (found done when
+    #: their task ran), ``failed`` (a list of ``{"k", "records", "reason"}``), ``size``.
+    partitions: dict[str, Any] | None = None
+    #: With ``--dask``: by worker address, its ``recoveries``, ``outages``, ``outage_s`` ...
+    workers: dict[str, dict[str, Any]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -57,6 +62,18 @@ class SignReport:
         if self.stopped:  # one message, not the same failure once per record
             lines.append(f"  {self.stopped}")
             return "\n".join(lines)
+        if self.partitions is not None:
+            p = self.partitions
+            lines.append(
+                f"partitions {p['total']} of {p['size']} records: {p['done_before']} done before, "
+                f"{p['signed']} signed, {p['skipped']} found done, {len(p['failed'])} failed"
+            )
+        for address, w in (self.workers or {}).items():
+            gone = " (gone)" if w.get("gone") else ""
+            lines.append(
+                f"  worker {w.get('name')} {address}{gone}: recoveries {w.get('recoveries', 0)}, "
+                f"outages {w.get('outages', 0)} ({w.get('outage_s', 0.0):.1f} s)"
+            )
         for failure in self.failures[:SHOWN]:
             lines.append(f"  failed {failure['id']}: {failure['reason']}")
         if len(self.failures) > SHOWN:

@@ -1,4 +1,5 @@
-"""``p11guard verify``: check a signature file against its records, with no HSM.
+"""``p11guard verify``: check a signature file (or a directory of part files from
+``p11guard sign --dask``) against its records, with no HSM.
 
 Uses the ``cryptography`` package only: every record must have exactly one valid
 signature in force (a line with ``replaces`` supersedes the line it names: the later line
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from p11guard.cli._keyinfo import pem_fingerprint
+from p11guard.cli._parts import MANIFEST, iter_part_lines
 from p11guard.cli._paths import UsageError, check_input_file, check_source, open_regular
 from p11guard.cli._records import iter_records, parse_digest, parse_entry
 from p11guard.cli._sigfile import MAX_SIGNATURE_LINE
@@ -134,27 +137,37 @@ def _in_force(found: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
     return [e for _, e in kept]
 
 
+def _file_lines(sigs: Path) -> Iterator[bytes]:
+    """The lines of a signature file (a line longer than any signature line is cut)."""
+    with open_regular(sigs, "--sigs") as fh:
+        while line := fh.readline(MAX_SIGNATURE_LINE + 1):
+            yield line
+            if not line.endswith(b"\n"):  # skip the rest of an overlong line
+                while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+
+
 def run_verify(source: Path, sigs: Path, pubkey: Path) -> VerifyReport:
     """Verify every record of ``source`` against the signature file ``sigs``."""
     check_source(source)
-    check_input_file(sigs, "--sigs")
+    parts = sigs.is_dir()
+    if parts:
+        if not (sigs / MANIFEST).is_file():
+            raise UsageError(f"--sigs {sigs} is a directory without {MANIFEST}: not a `p11guard sign --dask` output")
+    else:
+        check_input_file(sigs, "--sigs")
     check_input_file(pubkey, "--pubkey")
     public_key, fingerprint = _load_public_key(pubkey)
     entries: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
     report = VerifyReport()
     try:
-        with open_regular(sigs, "--sigs") as fh:
-            n = 0
-            while line := fh.readline(MAX_SIGNATURE_LINE + 1):
-                n += 1
-                entry, _ = parse_entry(line) if len(line) <= MAX_SIGNATURE_LINE else (None, "")
-                if entry is None:
-                    report.malformed_lines.append(n)
-                    if not line.endswith(b"\n"):  # skip the rest of an overlong line
-                        while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
-                            pass
-                else:
-                    entries[entry["id"]].append((n, entry))
+        lines = (line for _, _, line in iter_part_lines(sigs)) if parts else _file_lines(sigs)
+        for n, line in enumerate(lines, 1):  # a directory's parts count on, in partition order
+            entry, _ = parse_entry(line) if len(line) <= MAX_SIGNATURE_LINE else (None, "")
+            if entry is None:
+                report.malformed_lines.append(n)
+            else:
+                entries[entry["id"]].append((n, entry))
     except OSError as exc:
         raise UsageError(f"--sigs {sigs}: {exc.strerror or exc}") from None
     for record in iter_records(source):
