@@ -88,9 +88,9 @@ def soak_verdict(rss: list[dict[str, Any]], workdir: Path, say: Any) -> tuple[li
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(10, 5))
-        ax.plot([s["t"] for s in rss], [s["supervisor_mib"] for s in rss], label="supervisor")
+        ax.plot([s["t"] for s in rss], [s["supervisor_mib"] for s in rss], label="the guard's process")
         for name in sorted({k for s in rss for k in s if k.startswith(("worker", "probe"))}):
-            pts = [(s["t"], s[name]) for s in rss if name in s]
+            pts = [(s["t"], s[name]) for s in rss if s.get(name)]  # 0: a host being replaced
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=0.8)
         ax.set_xlabel("s")
         ax.set_ylabel("RSS MiB")
