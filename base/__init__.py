@@ -7,6 +7,7 @@ checks it.
 """
 
 from p11guard.base._config import DEFAULT_MEMBER, Config, Member
+from p11guard.base._config_checks import file_kind
 from p11guard.base._errors import (
     AuthError,
     ChannelPoisoned,
@@ -72,6 +73,7 @@ __all__ = [
     "StaleGeneration",
     "TokenMismatch",
     "UserError",
+    "file_kind",
     "poll_until",
     "remote_error",
 ]

@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from p11guard.base import P11GuardError
+from p11guard.base import P11GuardError, file_kind
 
 __all__ = [
     "UsageError",
@@ -29,21 +29,6 @@ __all__ = [
 
 class UsageError(P11GuardError):
     """Bad command-line input (exit code 2)."""
-
-
-def file_kind(mode: int) -> str:
-    """What a file that is not a regular file is, in words."""
-    for test, text in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISLNK, "a symbolic link"),
-    ):
-        if test(mode):
-            return text
-    return "not a regular file"
 
 
 def _stat(path: Path, flag: str) -> os.stat_result:

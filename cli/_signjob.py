@@ -49,7 +49,7 @@ from p11guard.cli._signreport import SignReport
 from p11guard.cli._timeline import Timeline, render, require_matplotlib
 from p11guard.protocol import DIGEST_SIZES, MECHANISMS
 
-__all__ = ["STOP_AFTER", "SignReport", "resolve_key", "run_sign"]
+__all__ = ["STOP_AFTER", "SignReport", "batches", "resolve_key", "run_sign"]
 
 #: At most this much record data in flight (batches submitted, not yet written).
 WINDOW_BYTES = 64 * 1024 * 1024
@@ -159,7 +159,7 @@ def _todo(records: Iterable[Record], sigfile: SignatureFile, report: SignReport,
             report.changes.append({"id": record.id, "line": line})
 
 
-def _batches(records: Iterable[Record], count: int, max_bytes: int = BATCH_BYTES) -> Iterator[list[Record]]:
+def batches(records: Iterable[Record], count: int, max_bytes: int = BATCH_BYTES) -> Iterator[list[Record]]:
     """Batches of at most ``count`` records and ``max_bytes`` (a bigger record goes alone)."""
     batch: list[Record] = []
     size = 0
@@ -237,9 +237,9 @@ class _Job:
         self.update(self.report.signed + self.report.skipped, _state_text(self.guard), self.guard.recoveries)
 
     def run(self, todo: Iterator[Record], fh: BinaryIO) -> None:
-        batches = _batches(todo, self.batch_size)
+        frames = batches(todo, self.batch_size)
         try:
-            for batch in batches:
+            for batch in frames:
                 readable, items = [], []
                 for record in batch:
                     if record.error is not None or record.data is None:
@@ -268,7 +268,7 @@ class _Job:
             for batch, _ in self.window:
                 for record in batch:
                     self.fail(record, str(exc))
-            for batch in batches:
+            for batch in frames:
                 for record in batch:
                     self.fail(record, record.error or str(exc))
 

@@ -25,7 +25,8 @@ from p11guard.base import AuthError, ConfigError, P11GuardError
 from p11guard.cli._keyinfo import key_fingerprint, resolve_key
 from p11guard.cli._parts import part_name, write_part
 from p11guard.cli._paths import read_regular
-from p11guard.cli._records import BATCH_BYTES, ITEM_OVERHEAD, MAX_RECORD, Record, read_lines, signature_line
+from p11guard.cli._records import MAX_RECORD, Record, read_lines, signature_line
+from p11guard.cli._signjob import batches
 from p11guard.cluster._plugin import PLUGIN_NAME, worker_plugin
 
 __all__ = ["DONE_KEY", "PartResult", "PartSpec", "resolve_key_task", "sign_partition", "worker_view"]
@@ -110,20 +111,6 @@ def _shared_records(spec: PartSpec) -> Iterator[Record]:
         yield Record(rid, data, error)
 
 
-def _batches(records: list[Record], count: int) -> Iterator[list[Record]]:
-    batch: list[Record] = []
-    size = 0
-    for record in records:
-        cost = len(record.data or b"") + ITEM_OVERHEAD
-        if batch and (len(batch) >= count or size + cost > BATCH_BYTES):
-            yield batch
-            batch, size = [], 0
-        batch.append(record)
-        size += cost
-    if batch:
-        yield batch
-
-
 def sign_partition(spec: PartSpec, shipped: list[tuple[str, bytes]] | None = None) -> PartResult:
     """Sign partition ``spec.k`` on this worker (see the module)."""
     started = time.monotonic()
@@ -141,7 +128,7 @@ def sign_partition(spec: PartSpec, shipped: list[tuple[str, bytes]] | None = Non
             return result
         guard = worker_plugin(spec.plugin).guard()
         pending = []
-        for batch in _batches(records, guard.config.batch_size):
+        for batch in batches(records, guard.config.batch_size):
             items = [("sign", {"key": spec.key, "data": r.data, "mechanism": spec.mechanism}) for r in batch]
             pending.append((batch, guard.submit_batch(items)))
             result.hsm_ops += len(batch)
