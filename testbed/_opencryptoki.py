@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from p11guard.testbed._procs import TestbedError, alive, wait_for
+from p11guard.testbed._procs import TestbedError, alive, read_state, wait_for, write_state
 
 __all__ = ["OCK_SLOT", "OckSetupError", "OpencryptokiToken", "claim_token", "find_ock_tools"]
 
@@ -158,16 +158,10 @@ class OpencryptokiToken:
         self.so_pin_path = self.dir / "so.pin"
 
     def _state(self, path: Path | None = None) -> dict[str, Any]:
-        try:
-            data = json.loads((path or self.state_path).read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return read_state(path or self.state_path)
 
     def _save(self, state: dict[str, Any]) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.state_path)
+        write_state(self.state_path, state)
 
     @property
     def is_up(self) -> bool:

@@ -7,15 +7,17 @@ by pid -- never by name -- with the create time checked, so a recycled pid is ne
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from p11guard.base import P11GuardError, poll_until
 
-__all__ = ["TestbedError", "alive", "stop_tree", "wait_for", "write_private"]
+__all__ = ["TestbedError", "alive", "read_state", "stop_tree", "wait_for", "write_private", "write_state"]
 
 
 class TestbedError(P11GuardError):
@@ -65,3 +67,19 @@ def write_private(path: Path, value: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(value + "\n")
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A state file's JSON object; ``{}`` when it is missing or not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    """Write a state file atomically (another process may read it at any moment)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(path)

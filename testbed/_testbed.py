@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import shutil
 import tempfile
@@ -35,7 +34,7 @@ from p11guard.testbed._devices import (
 )
 from p11guard.testbed._network import check_client, start_proxy, start_server
 from p11guard.testbed._opencryptoki import OpencryptokiToken
-from p11guard.testbed._procs import TestbedError, alive, stop_tree, wait_for
+from p11guard.testbed._procs import TestbedError, alive, read_state, stop_tree, wait_for, write_state
 from p11guard.testbed._proxy_control import member_status, proxy_control
 from p11guard.testbed._softhsm import find_tools, init_softhsm_token
 from p11guard.testbed._tpm import TpmDevice
@@ -98,16 +97,10 @@ class Testbed:
         return Secret(self.pin_path.read_text().strip())
 
     def _state(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return read_state(self.state_path)
 
     def _save(self, state: dict[str, Any]) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.state_path)
+        write_state(self.state_path, state)
 
     @staticmethod
     def _members(st: dict[str, Any]) -> list[dict[str, Any]]:

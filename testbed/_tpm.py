@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from p11guard.testbed._procs import TestbedError
+from p11guard.testbed._procs import TestbedError, read_state, write_state
 
 __all__ = ["TpmDevice", "TpmSetupError", "find_tpm_tools"]
 
@@ -164,15 +164,10 @@ class TpmDevice:
 
     # -- state ---------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        try:
-            return dict(json.loads(self.state_file.read_text()))
-        except (OSError, ValueError):
-            return {}
+        return read_state(self.state_file)
 
     def _save(self, state: dict[str, Any]) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.state_file)
+        write_state(self.state_file, state)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
         """Start a daemon (output to ``<name>.log``) through a launcher, so it is not our child
