@@ -38,6 +38,7 @@ from p11guard.base._errors import (
     UserError,
     remote_error,
 )
+from p11guard.base._lazy import lazy_exports
 from p11guard.base._poll import poll_until
 from p11guard.base._secret import Secret
 
@@ -74,6 +75,7 @@ __all__ = [
     "TokenMismatch",
     "UserError",
     "file_kind",
+    "lazy_exports",
     "poll_until",
     "remote_error",
 ]
