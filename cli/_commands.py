@@ -95,9 +95,18 @@ def _sign(opts: argparse.Namespace) -> int:
 
 
 def _verify(opts: argparse.Namespace) -> int:
-    from p11guard.cli._verify import run_verify
+    from p11guard.cli._verify import MAX_JOBS, default_jobs, run_verify
 
-    report = run_verify(Path(opts.input), Path(opts.sigs), Path(opts.pubkey))
+    jobs = default_jobs()
+    if opts.jobs is not None:
+        try:
+            jobs = int(opts.jobs)
+        except ValueError:
+            jobs = 0
+        if not 1 <= jobs <= MAX_JOBS:
+            raise UsageError(f"--jobs {opts.jobs!r}: give a number of processes from 1 to {MAX_JOBS}")
+    report_path = Path(opts.report) if opts.report else None
+    report = run_verify(Path(opts.input), Path(opts.sigs), Path(opts.pubkey), jobs, report_path)
     print(report.summary())
     return EXIT_OK if report.ok else EXIT_FAILED
 
@@ -193,4 +202,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--in", dest="input", required=True, metavar="PATH")
     p.add_argument("--sigs", required=True, metavar="OUT.jsonl")
     p.add_argument("--pubkey", required=True, metavar="pub.pem")
+    p.add_argument(
+        "--jobs", metavar="N", help="processes that check signatures (default: one per core; 1: this process only)"
+    )
+    p.add_argument("--report", metavar="R.json", help="write every finding (all ids of each kind) as JSON")
     p.set_defaults(func=_verify)
