@@ -15,6 +15,8 @@ larger than ``MAX_RECORD`` fails alone, unread (see :mod:`p11guard.cli._records`
 from __future__ import annotations
 
 import hashlib
+import itertools
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -37,7 +39,7 @@ from p11guard.cli._records import (
     iter_records,
     signature_line,
 )
-from p11guard.cli._sigfile import SignatureFile
+from p11guard.cli._sigfile import SignatureFile, record_key
 from p11guard.cli._signreport import SignReport
 from p11guard.cli._timeline import Timeline, render, require_matplotlib
 
@@ -88,9 +90,19 @@ def run_sign(
     check_distinct({"--in": source, "--out": out, "--report": report_path, "--timeline": timeline_path})
     started_wall, started = time.time(), time.monotonic()
     report = SignReport(records=count_records(source))
-    sigfile = SignatureFile(out, source, report.records, line_ids=not source.is_dir())
-    sigfile.load()
-    try:
+    line_ids = not source.is_dir()
+    with tempfile.TemporaryDirectory(prefix="p11guard-sign-") as tmp:
+        sigfile = SignatureFile(out, source, report.records, line_ids, Path(tmp))
+        sigfile.load()
+        todo = _todo(iter_records(source), sigfile, report, resign_changed)
+        if sigfile.first is not None and sigfile.first[2] is not None and timeline_path is None:
+            # A resume: the file pins key, mechanism and fingerprint. Records already signed
+            # and unchanged need no HSM; a guard starts only for the first record to sign.
+            sigfile.check_label(key, mechanism)
+            first = next(todo, None)
+            todo = itertools.chain([first] if first is not None else [], todo)
+            if first is None:
+                return _finish(report, started, report_path, timeline_path)
         with Guard(config) as guard:
             key_type, mech = resolve_key(guard, key, mechanism)
             fingerprint = key_fingerprint(guard, key, key_type)
@@ -100,7 +112,7 @@ def run_sign(
             job = _Job(guard, config, key, mech, fingerprint, report, progress.update, timeline)
             try:
                 with sigfile.open_for_append() as fh:
-                    job.run(_todo(iter_records(source), sigfile, report, resign_changed), fh)
+                    job.run(todo, fh)
             finally:
                 progress.close()
                 if timeline is not None:
@@ -108,8 +120,10 @@ def run_sign(
                 status = guard.status()
                 report.recoveries = status.get("counters", {}).get("recoveries", 0)
                 report.outage_s = round(_outage_s(status, started_wall), 3)
-    finally:
-        sigfile.close()
+    return _finish(report, started, report_path, timeline_path)
+
+
+def _finish(report: SignReport, started: float, report_path: Path | None, timeline_path: Path | None) -> SignReport:
     report.elapsed_s = round(time.monotonic() - started, 3)
     report.ops_per_s = round(report.signed / report.elapsed_s, 1) if report.elapsed_s else 0.0
     if report_path is not None:
@@ -123,18 +137,28 @@ def run_sign(
 
 def _todo(records: Iterable[Record], sigfile: SignatureFile, report: SignReport, resign: bool) -> Iterator[Record]:
     """The records to sign: not done yet, or changed since and ``resign``. Skips (and
-    counts) the others; notes the changed ones it does not re-sign."""
+    counts) the others; notes the changed ones it does not re-sign, and fails the ones
+    it cannot read. Records and the file's signatures are both in record order: joined
+    as they are read."""
+    done = sigfile.done()
+    signed = next(done, None)
     for record in records:
-        done = sigfile.latest(record.id)
-        if done is None:
-            yield record
+        key = record_key(record.id, sigfile.line_ids)
+        while signed is not None and signed[0] < key:  # type: ignore[operator]
+            signed = next(done, None)  # a record no longer in the input: not an error for sign
+        if signed is None or signed[0] != key:
+            if record.data is None:
+                report.failed += 1
+                report.failures.append({"id": record.id, "reason": record.error or "not read"})
+            else:
+                yield record
             continue
-        line = done[0]
+        _, line, recorded = signed
         if record.data is None:
             report.failed += 1
             reason = f"{record.error} (signed on line {line} of --out; cannot check it is unchanged)"
             report.failures.append({"id": record.id, "reason": reason})
-        elif sigfile.recorded_sha256(record.id) == hashlib.sha256(record.data).hexdigest():
+        elif recorded == hashlib.sha256(record.data).hexdigest():
             report.skipped += 1
         elif resign:
             record.replaces = line
