@@ -16,19 +16,21 @@ job joins with the records as it reads them.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from p11guard.cli._keyorder import Item, Key, KeyOrder, groups, line_id, line_key, path_key
 from p11guard.cli._paths import UsageError, open_regular
-from p11guard.cli._records import parse_entry
+from p11guard.cli._records import match_plain, parse_entry
 
 __all__ = ["MAX_SIGNATURE_LINE", "SignatureFile", "record_key"]
 
 #: No signature line is longer (an id path, a digest, an RSA signature, a fingerprint).
 MAX_SIGNATURE_LINE = 64 * 1024
 _ID_PREFIX = b'{"id":'
+_LINE_ID = re.compile(rb"[1-9][0-9]{0,18}")
 _SHA_FIELD = b'"sha256":"'
 
 
@@ -73,6 +75,8 @@ class SignatureFile:
         self._order = KeyOrder(folder)
         self._replaces = False  # some line has "replaces"
         self._error: UsageError | None = None  # the first line wrong on its own
+        self._plain = 0  # lines of the plain form (see match_plain)
+        self._plain_signer: tuple[bytes | Any, ...] | None = None  # as a plain line has it
 
     def _bad(self, n: int, problem: str) -> UsageError:
         return UsageError(
@@ -110,6 +114,7 @@ class SignatureFile:
         self.lines = 0
         while line := fh.readline(MAX_SIGNATURE_LINE + 1):
             n += 1
+            plain = None
             if not line.endswith(b"\n"):
                 if len(line) > MAX_SIGNATURE_LINE:
                     raise self._bad(n, f"is longer than {MAX_SIGNATURE_LINE} bytes")
@@ -117,6 +122,15 @@ class SignatureFile:
                     self.torn = True  # the last line, cut short by a kill: redo its record
                     break
                 entry, problem = None, "has no line ending and is not a signature line cut short"
+            elif (plain := match_plain(line)) is not None:
+                self._plain += 1
+                key = self._take_plain(plain)
+                if key is not None:  # the common case: no dict, no JSON
+                    offset += len(line)
+                    self.lines, self._good_size = n, offset
+                    yield key, n, line
+                    continue
+                entry, problem = parse_entry(line)
             else:
                 entry, problem = parse_entry(line)
             if entry is None:
@@ -127,9 +141,30 @@ class SignatureFile:
                     )
                 raise self._bad(n, problem)
             key = self._take(n, entry)
+            if plain is not None:
+                self._plain_signer = plain.group(4, 5, 6)  # as _take accepted it
             offset += len(line)
             self.lines, self._good_size = n, offset
             yield key, n, line
+
+    def _take_plain(self, plain: re.Match[bytes]) -> Key | None:
+        """A plain line's key if it passes :meth:`_take` (same signer as the last plain line
+        accepted, a good id); ``None``: let :meth:`_take` check it (and name the problem)."""
+        if plain.group(4, 5, 6) != self._plain_signer:
+            return None
+        raw = plain[1]
+        if self.line_ids:
+            if not _LINE_ID.fullmatch(raw) or int(raw) > self.records:
+                return None
+            key: Key = int(raw)
+        else:
+            rid = raw.decode()
+            if not rid or rid.startswith("/") or {"", ".", ".."} & set(rid.split("/")):
+                return None
+            key = path_key(rid)
+        if plain[7] is not None:
+            self._replaces = True
+        return key
 
     def _take(self, n: int, entry: dict[str, Any]) -> Key:
         """Check one line's id and signer; its record's key."""
@@ -188,9 +223,21 @@ class SignatureFile:
         signature in force, and the ``sha256`` that line records."""
         if self.lines == 0:
             return
+        if self._order.ascending and not self._order.rest.count and self._plain == self.lines:
+            yield from self._done_plain()  # one line per record, each plain: read it straight
+            return
         for key, lines in self._in_order():
             n, line = lines[-1]  # the chains are checked: the last line is in force
             yield key, n, recorded_sha256(line)
+
+    def _done_plain(self) -> Iterator[tuple[Key, int, str]]:
+        start = len(b'{"id":"')
+        with open_regular(self.path, "--out") as fh:
+            for n in range(1, self.lines + 1):
+                line = fh.readline(MAX_SIGNATURE_LINE + 1)
+                end = line.index(b'"', start)  # then '","sha256":"' and 64 hex digits
+                key = int(line[start:end]) if self.line_ids else path_key(line[start:end].decode())
+                yield key, n, line[end + 12 : end + 76].decode()
 
     def check_signer(self, key: str, mechanism: str, key_sha256: str | None) -> None:
         """Refuse to append signatures by another key, mechanism or key fingerprint."""
