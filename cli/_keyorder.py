@@ -49,7 +49,8 @@ def line_key(record_id: str) -> int | None:
 
 def path_key(record_id: str) -> bytes:
     """The key of a directory input's record id: sorts as the sorted walk reads them
-    (at each level the files, by name, then the subfolders, by name)."""
+    (at each level the files, by name, then the subfolders, by name). One key per id for
+    ids without NUL (every path)."""
     parts = record_id.encode("utf-8", "surrogatepass").split(b"/")
     return b"".join(b"\x01" + p + b"\x00" for p in parts[:-1]) + b"\x00" + parts[-1] + b"\x00"
 

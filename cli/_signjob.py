@@ -92,6 +92,8 @@ def run_sign(
     report = SignReport(records=count_records(source))
     line_ids = not source.is_dir()
     with tempfile.TemporaryDirectory(prefix="p11guard-sign-") as tmp:
+        if report_path is not None:
+            report.spool = Path(tmp)
         sigfile = SignatureFile(out, source, report.records, line_ids, Path(tmp))
         sigfile.load()
         todo = _todo(iter_records(source), sigfile, report, resign_changed)
@@ -120,7 +122,7 @@ def run_sign(
                 status = guard.status()
                 report.recoveries = status.get("counters", {}).get("recoveries", 0)
                 report.outage_s = round(_outage_s(status, started_wall), 3)
-    return _finish(report, started, report_path, timeline_path)
+        return _finish(report, started, report_path, timeline_path)
 
 
 def _finish(report: SignReport, started: float, report_path: Path | None, timeline_path: Path | None) -> SignReport:
@@ -148,24 +150,20 @@ def _todo(records: Iterable[Record], sigfile: SignatureFile, report: SignReport,
             signed = next(done, None)  # a record no longer in the input: not an error for sign
         if signed is None or signed[0] != key:
             if record.data is None:
-                report.failed += 1
-                report.failures.append({"id": record.id, "reason": record.error or "not read"})
+                report.fail(record.id, record.error or "not read")
             else:
                 yield record
             continue
         _, line, recorded = signed
         if record.data is None:
-            report.failed += 1
-            reason = f"{record.error} (signed on line {line} of --out; cannot check it is unchanged)"
-            report.failures.append({"id": record.id, "reason": reason})
+            report.fail(record.id, f"{record.error} (signed on line {line} of --out; cannot check it is unchanged)")
         elif recorded == hashlib.sha256(record.data).hexdigest():
             report.skipped += 1
         elif resign:
             record.replaces = line
             yield record
         else:
-            report.changed += 1
-            report.changes.append({"id": record.id, "line": line})
+            report.change(record.id, line)
 
 
 def _batches(records: Iterable[Record], count: int, max_bytes: int = BATCH_BYTES) -> Iterator[list[Record]]:
@@ -206,8 +204,7 @@ class _Job:
         self.last_done = time.time()
 
     def fail(self, record: Record, reason: str) -> None:
-        self.report.failed += 1
-        self.report.failures.append({"id": record.id, "reason": reason})
+        self.report.fail(record.id, reason)
 
     def _tick(self) -> None:
         self.update(self.report.signed + self.report.skipped, _state_text(self.guard), self.guard.recoveries)

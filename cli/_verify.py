@@ -96,7 +96,11 @@ class _Verify:
         self.malformed = ExternalSort(folder)
 
     def key(self, record_id: str) -> Key | None:
-        return path_key(record_id) if self.dirs else line_key(record_id)
+        """The key of the record an id names; ``None`` if it can name none (path keys are
+        one-to-one only for ids without NUL, which no path has)."""
+        if self.dirs:
+            return None if "\0" in record_id else path_key(record_id)
+        return line_key(record_id)
 
     def keyed(self, fh: BinaryIO, keyless: Callable[[int, bytes | None], None]) -> Iterator[Item]:
         """The lines with a key of this input, in file order; the others go to ``keyless``."""

@@ -64,6 +64,12 @@ def test_a_directory_in_walk_order_in_any_order(
     assert code == 0 and f"signed 0, skipped {len(FILES) - 1}" in text, text
     code, text, _ = run(capsys, verify)
     assert code == 1 and f"valid {len(FILES) - 1}, missing 0, duplicate 0" in text and "unknown: a.txt" in text
+    # an id with NUL can name no file; its key must not be taken for one that does ("a/b/c")
+    entry = next(e for e in entries(out) if e["id"] == "a/b/c")
+    with out.open("a") as fh:
+        fh.write(json.dumps({**entry, "id": "a\u0000\u0001b/c"}) + "\n")
+    code, text, _ = run(capsys, verify)
+    assert code == 1 and f"valid {len(FILES) - 1}, missing 0, duplicate 0" in text and "unknown ids 2" in text
 
 
 def test_a_done_resume_starts_no_guard(bed: Testbed, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,3 +149,17 @@ def test_the_first_wrong_line_is_named_in_file_order(
     out.write_bytes(b"".join([r4, r2, r1, r5, r3, _replacing(r2, 2)]))  # out of order, and a good chain
     code, text, _ = run(capsys, sign_args(bed, source, out))
     assert code == 0 and "signed 0, skipped 5" in text, text
+
+
+def test_every_change_is_in_the_report_and_the_first_20_on_screen(
+    bed: Testbed, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, out, report = records_file(tmp_path, 30), tmp_path / "sigs.jsonl", tmp_path / "r.json"
+    assert run(capsys, sign_args(bed, source, out))[0] == 0
+    source.write_text(source.read_text().replace("record", "changed record"))
+    code, text, err = run(capsys, sign_args(bed, source, out, "--report", str(report)))
+    assert code == 1 and "changed 30 (not re-signed)" in text
+    assert text.count("  changed ") == 20 and "... and 10 more changed (all listed in --report)" in text
+    assert "30 record(s) changed" in err and "and 10 more;" in err
+    data = json.loads(report.read_text())
+    assert data["changes"] == [{"id": str(i), "line": i} for i in range(1, 31)] and data["changed"] == 30
