@@ -23,7 +23,7 @@ __all__ = ["CHUNK_BYTES", "CHUNK_TASKS", "WINDOW_BYTES", "Checker"]
 CHUNK_TASKS = 512
 CHUNK_BYTES = 4 * 1024 * 1024
 #: At most this much record data in chunks not yet handed back.
-WINDOW_BYTES = 64 * 1024 * 1024
+WINDOW_BYTES = 32 * 1024 * 1024
 
 M = TypeVar("M")
 
