@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,19 +86,38 @@ class Record:
     replaces: int | None = None
 
 
-def _walk(root: Path) -> Iterator[tuple[Path, bool]]:
-    """Every non-directory below ``root`` but symbolic links, sorted; and whether it is a
-    regular file."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath, name)
-            try:
-                mode = path.lstat().st_mode
-            except OSError:
-                continue  # gone since listed
-            if not stat.S_ISLNK(mode):
-                yield path, stat.S_ISREG(mode)
+def _walk(root: Path) -> Iterator[tuple[str, str, bool]]:
+    """Every non-directory below ``root`` but symbolic links, sorted as ``os.walk`` with
+    sorted names gives them (at each level the files, then the subfolders), as its id
+    (the path relative to ``root``, with ``/``), its path, and whether it is a regular
+    file. Types come from the directory listing: no ``stat`` per file."""
+    pending: list[tuple[str, str]] = [(str(root), "")]  # folders to list: path, id prefix
+    while pending:
+        folder, prefix = pending.pop()
+        names: list[str] = []  # files (one folder's names in memory at a time, as os.walk)
+        odd: set[str] = set()  # ... of them, not regular files
+        subfolders: list[str] = []
+        try:
+            with os.scandir(folder) as listing:
+                for entry in listing:
+                    try:
+                        if entry.is_symlink():
+                            continue  # not a record, never followed
+                        if entry.is_dir(follow_symlinks=False):
+                            subfolders.append(entry.name)
+                            continue
+                        if not entry.is_file(follow_symlinks=False):
+                            odd.add(entry.name)
+                    except OSError:
+                        continue  # gone since listed
+                    names.append(entry.name)
+        except OSError:
+            continue  # unreadable or gone: as os.walk, skipped
+        names.sort()
+        for name in names:
+            yield prefix + name, os.path.join(folder, name), name not in odd
+        subfolders.sort(reverse=True)
+        pending.extend((os.path.join(folder, name), f"{prefix}{name}/") for name in subfolders)
 
 
 def count_records(source: Path) -> int:
@@ -118,11 +136,10 @@ def iter_records(source: Path, limit: int = MAX_RECORD) -> Iterator[Record]:
     """The records of ``source``, in a stable order, read lazily (memory stays flat: a
     record over ``limit`` bytes is failed without being held)."""
     if source.is_dir():
-        for path, regular in _walk(source):
-            rid = path.relative_to(source).as_posix()
+        for rid, path, regular in _walk(source):
             if not regular:
                 try:
-                    kind = file_kind(path.lstat().st_mode)
+                    kind = file_kind(os.lstat(path).st_mode)
                 except OSError:
                     kind = "not a regular file"
                 yield Record(rid, None, f"{path} is {kind}, not a regular file: not read")

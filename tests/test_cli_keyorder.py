@@ -33,8 +33,14 @@ def test_path_keys_sort_as_the_walk_reads(tmp_path: Path, seed: int) -> None:
     root = tmp_path / "tree"
     _tree(root, random.Random(seed))
     (root / b"raw-\xff".decode(errors="surrogateescape")).write_text("a name that is not UTF-8")
+    (root / "link").symlink_to(root / "a.txt")  # links are not records
     ids = [r.id for r in iter_records(root)]
     assert len(ids) > 6
+    by_os_walk = []  # the order sign has always written
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        by_os_walk += [Path(folder, f).relative_to(root).as_posix() for f in sorted(files) if f != "link"]
+    assert ids == by_os_walk
     keys = [path_key(rid) for rid in ids]
     assert keys == sorted(keys) and len(set(keys)) == len(keys), ids
 
