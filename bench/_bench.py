@@ -193,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         "--pipeline", action="store_true", help="sign and verify N records (and files) instead; see bench/_pipeline.py"
     )
     parser.add_argument("--records", type=int, default=1_000_000, help="--pipeline: line records (default 1,000,000)")
-    parser.add_argument("--dir-records", type=int, help="--pipeline: files (default: records, at most 100,000)")
+    parser.add_argument(
+        "--dir-records", type=int, help="--pipeline: files (default: records, at most 100,000; 0: none)"
+    )
+    parser.add_argument("--skip-jobs-1", action="store_true", help="--pipeline: no verify --jobs 1 (a long run)")
     parser.add_argument(
         "--benchmarks-md",
         metavar="PATH",
@@ -229,12 +232,12 @@ def _pipeline(opts: argparse.Namespace) -> int:
         print(text, file=sys.stderr, flush=True)
 
     dir_records = opts.dir_records if opts.dir_records is not None else min(opts.records, 100_000)
-    data = pipeline_figures(opts.records, dir_records, say)
+    data = pipeline_figures(opts.records, dir_records, say, one_job=not opts.skip_jobs_1)
     print(json.dumps(data) if opts.json else pipeline_table(data))
     if opts.report:
         Path(opts.report).mkdir(parents=True, exist_ok=True)
         (Path(opts.report) / "pipeline.json").write_text(json.dumps(data, indent=2) + "\n")
-    write_section(Path(opts.benchmarks_md), pipeline_markdown(data))
+    write_section(Path(opts.benchmarks_md), pipeline_markdown(data), opts.records)
     say(f"pipeline section written to {opts.benchmarks_md}")
     failed = [s for part in ("lines", "directory") for s in data[part].values() if s["exit"] != 0]
     return 1 if failed else 0

@@ -1,14 +1,15 @@
 """The main job at pipeline scale: ``p11guard sign`` and ``verify`` over N records.
 
-``scripts/bench --pipeline [--records N] [--dir-records M]`` runs, each as its own
-``python -m p11guard`` process on the bench's own testbed (SoftHSM2 in-process, ECDSA
-P-256, ``workers`` = cores): for N lines of a file, ``sign``, ``verify --jobs 1``,
+``scripts/bench --pipeline [--records N] [--dir-records M] [--skip-jobs-1]`` runs, each as
+its own ``python -m p11guard`` process on the bench's own testbed (SoftHSM2 in-process,
+ECDSA P-256, ``workers`` = cores): for N lines of a file, ``sign``, ``verify --jobs 1``,
 ``verify`` on every core, and a ``sign`` again that finds everything done; for M files in
-a directory tree, the same but ``verify --jobs 1``. Each step: wall time, rate, the peak
+folders of 1,000, the same without ``verify --jobs 1``. Each step: wall time, rate, the peak
 RSS of its largest process (``ru_maxrss``) and of its whole process tree (sampled every
 50 ms), and how many child processes it started (a resume that starts a guard starts
 hosts). Before the steps, how much faster two processes verify ECDSA than one on this
-machine (the ceiling of ``--jobs 2``). The figures go to a section of BENCHMARKS.md.
+machine (the ceiling of ``--jobs 2``). The figures go to a section of BENCHMARKS.md, one
+per number of records (a run replaces the section of its own size).
 """
 
 from __future__ import annotations
@@ -23,11 +24,18 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SECTION", "pipeline_figures", "pipeline_markdown", "pipeline_table", "write_section"]
+__all__ = ["pipeline_figures", "pipeline_markdown", "pipeline_table", "section_title", "write_section"]
 
-SECTION = "## The main job at pipeline scale (scripts/bench --pipeline)"
-_END = "<!-- end of the pipeline section -->"
 _FILES_PER_FOLDER = 1000
+
+
+def section_title(records: int) -> str:
+    """The title of the section of a run of ``records`` (a run replaces its own only)."""
+    return f"## The main job at pipeline scale: {records:,} records (scripts/bench --pipeline)"
+
+
+def _end(records: int) -> str:
+    return f"<!-- end of the pipeline section, {records} records -->"
 
 
 def _verifies(count: int) -> float:
@@ -114,8 +122,9 @@ def _steps(source: Path, out: Path, pub: Path, config: Path, cwd: Path, records:
     return steps
 
 
-def pipeline_figures(records: int, dir_records: int, say: Any) -> dict[str, Any]:
-    """Every step for ``records`` lines and ``dir_records`` files (see the module)."""
+def pipeline_figures(records: int, dir_records: int, say: Any, one_job: bool = True) -> dict[str, Any]:
+    """Every step for ``records`` lines and ``dir_records`` files (none: no directory
+    steps; see the module); ``one_job``: measure ``verify --jobs 1`` as well."""
     from bench._bench import _setup_keys
     from p11guard.testbed import Testbed
 
@@ -134,11 +143,13 @@ def pipeline_figures(records: int, dir_records: int, say: Any) -> dict[str, Any]
             )
             say(f"pipeline: {records:,} line records")
             _write_lines(work / "records.txt", records)
-            lines = _steps(work / "records.txt", work / "lines.jsonl", pub, config, work, records, True)
+            lines = _steps(work / "records.txt", work / "lines.jsonl", pub, config, work, records, one_job)
             (work / "lines.jsonl").unlink()
-            say(f"pipeline: {dir_records:,} files in folders of {_FILES_PER_FOLDER}")
-            _write_tree(work / "tree", dir_records)
-            tree = _steps(work / "tree", work / "tree.jsonl", pub, config, work, dir_records, False)
+            tree: dict[str, Any] = {}
+            if dir_records:
+                say(f"pipeline: {dir_records:,} files in folders of {_FILES_PER_FOLDER}")
+                _write_tree(work / "tree", dir_records)
+                tree = _steps(work / "tree", work / "tree.jsonl", pub, config, work, dir_records, False)
         finally:
             bed.down()
     return {
@@ -178,7 +189,7 @@ def pipeline_table(data: dict[str, Any]) -> str:
 
 def pipeline_markdown(data: dict[str, Any]) -> str:
     md = [
-        SECTION,
+        section_title(data["records"]),
         "",
         f"{data['cpus']} cores; SoftHSM2 in-process, ECDSA P-256, `workers` = cores; each step its own "
         "`python -m p11guard` process. Peak RSS: the largest process of the step (`ru_maxrss`); tree: "
@@ -193,19 +204,21 @@ def pipeline_markdown(data: dict[str, Any]) -> str:
             f"| {what} | `{name}` | {s['wall_s']} | {s['rate_per_s']:,} | {s['peak_rss_mib']} | "
             f"{s['tree_rss_mib']} | {s['children']} |"
         )
+    speedup = f"**{_speedup(data)}x** `--jobs 1`" if _speedup(data) else "`--jobs 1` not measured"
     md += [
         "",
-        f"`verify` on {data['cpus']} cores: **{_speedup(data)}x** `--jobs 1`; on this machine at that moment two "
-        f"processes verifying ECDSA at once did {data['core_ceiling']}x what one did (the ceiling).",
+        f"`verify` on {data['cpus']} cores: {speedup}; on this machine at that moment two processes "
+        f"verifying ECDSA at once did {data['core_ceiling']}x what one did (the ceiling).",
         "",
-        _END,
+        _end(data["records"]),
     ]
     return "\n".join(md)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Put the section into ``path`` (BENCHMARKS.md), replacing the one there."""
+def write_section(path: Path, section: str, records: int) -> None:
+    """Put the section into ``path`` (BENCHMARKS.md), replacing the one of a run of as
+    many records."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?" + re.escape(_END), re.S)
+    pattern = re.compile(re.escape(section_title(records)) + r".*?" + re.escape(_end(records)), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     path.write_text(text.rstrip("\n") + "\n")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench._pipeline import SECTION, pipeline_markdown, write_section
+from bench._pipeline import pipeline_markdown, section_title, write_section
 from bench._report import goals, table
 
 
@@ -62,7 +62,10 @@ def test_bench_pipeline_runs_and_writes_its_section(tmp_path: Path) -> None:
     assert "records 300, signed 0, skipped 300" in steps["dir sign again (all done)"]["summary"][0]
     assert steps["lines sign again (all done)"]["children"] == 0  # no guard: no host process
     text = md.read_text()
-    assert text.count(SECTION) == 1 and "kept" in text and "| 1,500 lines | `sign` |" in text
-    write_section(md, pipeline_markdown({**data, "records": 7}))  # a later run replaces it
+    assert text.count(section_title(1500)) == 1 and "kept" in text and "| 1,500 lines | `sign` |" in text
+    data["lines"]["sign"]["wall_s"] = 1234.5
+    write_section(md, pipeline_markdown(data), 1500)  # a later run of as many records replaces it
+    write_section(md, pipeline_markdown({**data, "records": 7}), 7)  # another size adds its own
     text = md.read_text()
-    assert text.count(SECTION) == 1 and "| 7 lines | `sign` |" in text and "kept" in text
+    assert text.count(section_title(1500)) == 1 and "| 1,500 lines | `sign` | 1234.5 |" in text
+    assert text.count(section_title(7)) == 1 and "| 7 lines | `sign` |" in text and "kept" in text
