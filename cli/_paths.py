@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,6 +26,7 @@ __all__ = [
     "file_kind",
     "open_regular",
     "read_regular",
+    "temp_folder",
     "too_large",
 ]
 
@@ -185,3 +189,21 @@ def too_large(size: int, limit: int, at_least: bool = False) -> str:
         "one PKCS#11 call through p11guard can carry (a frame is at most 16 MiB; this is fixed): "
         "sign it another way or split it"
     )
+
+
+@contextmanager
+def temp_folder(prefix: str) -> Iterator[Path]:
+    """A temporary folder (in ``$TMPDIR``), removed afterwards.
+
+    Raises:
+        UsageError: it cannot be made.
+    """
+    try:
+        made = tempfile.TemporaryDirectory(prefix=prefix)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot make a temporary folder in {tempfile.gettempdir()}: {exc.strerror or exc}; "
+            "set TMPDIR to a folder you may write"
+        ) from None
+    with made as name:
+        yield Path(name)

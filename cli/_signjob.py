@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -28,7 +27,7 @@ from typing import Any, BinaryIO, TextIO
 from p11guard._guard import Guard
 from p11guard.base import Config, GuardClosed, GuardFailed
 from p11guard.cli._keyinfo import key_fingerprint, resolve_key
-from p11guard.cli._paths import check_distinct, check_output
+from p11guard.cli._paths import UsageError, check_distinct, check_output, temp_folder
 from p11guard.cli._progress import make_progress
 from p11guard.cli._records import (
     BATCH_BYTES,
@@ -91,11 +90,17 @@ def run_sign(
     started_wall, started = time.time(), time.monotonic()
     report = SignReport(records=count_records(source))
     line_ids = not source.is_dir()
-    with tempfile.TemporaryDirectory(prefix="p11guard-sign-") as tmp:
+    with temp_folder("p11guard-sign-") as tmp:
         if report_path is not None:
-            report.spool = Path(tmp)
-        sigfile = SignatureFile(out, source, report.records, line_ids, Path(tmp))
-        sigfile.load()
+            report.spool = tmp
+        sigfile = SignatureFile(out, source, report.records, line_ids, tmp)
+        try:
+            sigfile.load()
+        except OSError as exc:  # the lines out of record order are sorted in ``tmp``
+            raise UsageError(
+                f"--out {out}: cannot read it in record order: {exc.strerror or exc}; lines out of order "
+                f"are sorted in {tmp.parent} (TMPDIR): give it room"
+            ) from None
         todo = _todo(iter_records(source), sigfile, report, resign_changed)
         if sigfile.first is not None and sigfile.first[2] is not None and timeline_path is None:
             # A resume: the file pins key, mechanism and fingerprint. Records already signed

@@ -25,7 +25,15 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from p11guard.cli._extsort import ExternalSort
 from p11guard.cli._keyinfo import pem_fingerprint
 from p11guard.cli._keyorder import WINDOW, Item, Key, KeyOrder, groups, line_id, line_key, path_key
-from p11guard.cli._paths import UsageError, check_distinct, check_input_file, check_output, check_source, open_regular
+from p11guard.cli._paths import (
+    UsageError,
+    check_distinct,
+    check_input_file,
+    check_output,
+    check_source,
+    open_regular,
+    temp_folder,
+)
 from p11guard.cli._records import iter_records, parse_entry
 from p11guard.cli._sigfile import MAX_SIGNATURE_LINE
 from p11guard.cli._verifypool import Checker
@@ -218,8 +226,7 @@ def run_verify(
     if not 1 <= jobs <= MAX_JOBS:
         raise UsageError(f"--jobs {jobs}: give a number of processes from 1 to {MAX_JOBS}")
     public_key, pem, fingerprint = _load_public_key(pubkey)
-    with tempfile.TemporaryDirectory(prefix="p11guard-verify-") as tmp:
-        folder = Path(tmp)
+    with temp_folder("p11guard-verify-") as folder:
         report = VerifyReport(spool=folder if report_path is not None else None)
         job = _Verify(source, sigs, folder, report)
         try:

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,23 @@ def test_bad_jobs_and_report(
         usage_error(capsys, [*argv, "--jobs", bad], f"--jobs {bad!r}", "from 1 to 256")
     usage_error(capsys, [*argv, "--report", str(tmp_path / "no" / "r.json")], "--report", "does not exist")
     usage_error(capsys, [*argv, "--report", str(sig_path)], "--report", "same file as --sigs")
+    assert sig_path.read_bytes() == sigs
+
+
+def test_no_temporary_folder(
+    bed: Testbed,
+    signed: tuple[Path, bytes, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source, sigs, pub = signed
+    sig_path = tmp_path / "sigs.jsonl"
+    sig_path.write_bytes(sigs)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # as TMPDIR naming no folder
+    argv = ["verify", "--in", str(source), "--sigs", str(sig_path), "--pubkey", str(pub)]
+    usage_error(capsys, argv, "cannot make a temporary folder in", "gone", "set TMPDIR")
+    usage_error(capsys, sign_args(bed, source, sig_path), "cannot make a temporary folder in", "set TMPDIR")
     assert sig_path.read_bytes() == sigs
 
 
