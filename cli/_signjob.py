@@ -8,6 +8,8 @@ leaves exactly one signature in force per record.
 
 A record changed since it was signed is reported and not skipped silently; with
 ``resign_changed`` it is signed again on a new line naming the line it ``replaces``.
+A resume starts its guard only when it meets the first record to sign: one that finds
+every record signed and unchanged never touches the HSM.
 Batches hold at most ``workers.batch_size`` records and ``BATCH_BYTES``; a record
 larger than ``MAX_RECORD`` fails alone, unread (see :mod:`p11guard.cli._records`).
 """
