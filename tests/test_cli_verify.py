@@ -345,3 +345,31 @@ def test_random_damage_reports_what_the_in_memory_verify_did(
     data = _report(tmp_path / "r.json")
     assert {k: data[k] for k in expected} == expected
     assert report.ok == (expected["valid"] == N and not any(expected[k] for k in KINDS))
+
+
+def test_a_directory_the_same_with_one_or_two_processes(
+    bed: Testbed, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from p11guard.cli import main
+
+    root = tmp_path / "tree"
+    for i in range(N):
+        folder = root / f"part-{i % 7}" / ("deep" if i % 3 == 0 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"f{i}.txt").write_text(f"file {i}\n")
+    out, pub = tmp_path / "sigs.jsonl", write_pubkey(bed, tmp_path / "pub.pem")
+    assert main(sign_args(bed, root, out)) == 0
+    (root / "part-1" / "f1.txt").write_text("tampered\n")
+    (root / "part-2" / "f2.txt").unlink()  # unknown
+    (root / "part-3" / "new.txt").write_text("never signed\n")  # missing
+    lines = out.read_bytes().splitlines(keepends=True)
+    random.Random(1).shuffle(lines)
+    out.write_bytes(b"".join([*lines, lines[5]]))  # and a duplicate
+    expected = _reference(root, out, pub)
+    assert expected["tampered"] == ["part-1/f1.txt"] and expected["unknown"] == ["part-2/f2.txt"]
+    for jobs in ("1", "2"):
+        report = tmp_path / f"r{jobs}.json"
+        code, text = _verify(capsys, root, out, pub, "--jobs", jobs, "--report", str(report))
+        assert code == 1, text
+        data = _report(report)
+        assert {k: data[k] for k in expected} == expected
