@@ -6,7 +6,7 @@ ECDSA P-256, ``workers`` = cores): for N lines of a file, ``sign``, ``verify --j
 ``verify`` on every core, and a ``sign`` again that finds everything done; for M files in
 folders of 1,000, the same without ``verify --jobs 1``. Each step: wall time, rate, the peak
 RSS of its largest process (``ru_maxrss``) and of its whole process tree (sampled every
-50 ms), and how many child processes it started (a resume that starts a guard starts
+0.2 s), and how many child processes it started (a resume that starts a guard starts
 hosts). Before the steps, how much faster two processes verify ECDSA than one on this
 machine (the ceiling of ``--jobs 2``). The figures go to a section of BENCHMARKS.md, one
 per number of records (a run replaces the section of its own size).
@@ -81,7 +81,7 @@ def _step(argv: list[str], cwd: Path, records: int) -> dict[str, Any]:
             tree_peak = max(tree_peak, sum(p.memory_info().rss for p in [top, *kids]))
         except psutil.Error:
             pass  # a process ended while we looked
-        time.sleep(0.05)  # sampling period
+        time.sleep(0.2)  # sampling period
     wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
     out, err = out_path.read_text(), err_path.read_text()
@@ -193,7 +193,7 @@ def pipeline_markdown(data: dict[str, Any]) -> str:
         "",
         f"{data['cpus']} cores; SoftHSM2 in-process, ECDSA P-256, `workers` = cores; each step its own "
         "`python -m p11guard` process. Peak RSS: the largest process of the step (`ru_maxrss`); tree: "
-        "the step and every process it started, summed (sampled every 50 ms). Children: processes the "
+        "the step and every process it started, summed (sampled every 0.2 s). Children: processes the "
         f"step started (hosts, verify's pool). Files: {_FILES_PER_FOLDER} per folder.",
         "",
         "| input | step | wall s | records/s | peak RSS MiB | tree RSS MiB | children |",

@@ -129,11 +129,20 @@ class KeyOrder:
 
     def second_pass(self, items: Iterable[Item]) -> Iterator[Item]:
         """The same lines again: all of them, by (key, line number)."""
+        if self.ascending and not self.rest.count:
+            return iter(items)  # they came in order: nothing to put back
         straight = (item for in_order, item in self._decide(items) if in_order)
         if not self.rest.count:
             return straight
         rest: Iterator[Item] = iter(self.rest)  # type: ignore[arg-type]
         return heapq.merge(straight, rest)
+
+
+    def grouped(self, items: Iterable[Item]) -> Iterator[tuple[Key, list[tuple[int, bytes]]]]:
+        """:meth:`second_pass`, grouped by key (see :func:`groups`)."""
+        if self.ascending and not self.rest.count:  # one line per key
+            return ((key, [(n, line)]) for key, n, line in items)
+        return groups(self.second_pass(items))
 
 
 def groups(items: Iterable[Item]) -> Iterator[tuple[Key, list[tuple[int, bytes]]]]:

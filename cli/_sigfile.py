@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from p11guard.cli._keyorder import Item, Key, KeyOrder, groups, line_id, line_key, path_key
+from p11guard.cli._keyorder import Item, Key, KeyOrder, line_id, line_key, path_key
 from p11guard.cli._paths import UsageError, open_regular
 from p11guard.cli._records import match_plain, parse_entry
 
@@ -192,7 +192,7 @@ class SignatureFile:
         """The good lines (those :meth:`load` read) again, grouped by record, in record order."""
         with open_regular(self.path, "--out") as fh:
             items = ((self._key(line), n, line) for n, line in _numbered(fh, self.lines))
-            yield from groups(self._order.second_pass(items))
+            yield from self._order.grouped(items)
 
     def _key(self, line: bytes) -> Key:
         rid = line_id(line)

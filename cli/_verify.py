@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from p11guard.cli._extsort import ExternalSort
 from p11guard.cli._keyinfo import pem_fingerprint
-from p11guard.cli._keyorder import WINDOW, Item, Key, KeyOrder, groups, line_id, line_key, path_key
+from p11guard.cli._keyorder import WINDOW, Item, Key, KeyOrder, line_id, line_key, path_key
 from p11guard.cli._paths import (
     UsageError,
     check_distinct,
@@ -174,7 +174,7 @@ class _Verify:
         with open_regular(self.sigs, "--sigs") as fh:
             order.first_pass(self.keyed(fh, lambda n, line: None))
         with open_regular(self.sigs, "--sigs") as fh:
-            lines = groups(order.second_pass(self.keyed(fh, self.no_record)))
+            lines = order.grouped(self.keyed(fh, self.no_record))
             group = next(lines, None)
             previous: Key | None = None
             for record in iter_records(self.source):
