@@ -51,15 +51,18 @@ def _verifies(count: int) -> float:
     return time.perf_counter() - started
 
 
-def core_ceiling(count: int = 20000) -> float:
-    """How many times more verifications two processes do than one, at once, here."""
-    one = count / _verifies(count)
+def core_ceiling(count: int = 20000, tries: int = 3) -> float:
+    """How many times more verifications two processes do than one, at once, here (the
+    best of ``tries``: other load only lowers it)."""
+    best = 0.0
     with ProcessPoolExecutor(2) as pool:
         list(pool.map(_verifies, [10, 10]))  # started
-        started = time.perf_counter()
-        list(pool.map(_verifies, [count, count]))
-        two = 2 * count / (time.perf_counter() - started)
-    return round(two / one, 2)
+        for _ in range(tries):
+            one = count / _verifies(count)
+            started = time.perf_counter()
+            list(pool.map(_verifies, [count, count]))
+            best = max(best, 2 * count / (time.perf_counter() - started) / one)
+    return round(best, 2)
 
 
 def _step(argv: list[str], cwd: Path, records: int) -> dict[str, Any]:
@@ -129,7 +132,7 @@ def pipeline_figures(records: int, dir_records: int, say: Any, one_job: bool = T
     from p11guard.testbed import Testbed
 
     say("pipeline: how much faster 2 processes verify than 1 on this machine")
-    ceiling = core_ceiling(20000 if records >= 100_000 else 2000)
+    ceiling = core_ceiling(20000 if records >= 100_000 else 2000, 3 if records >= 100_000 else 1)
     with tempfile.TemporaryDirectory(prefix="p11guard-pipeline-") as tmp:
         work = Path(tmp)
         bed = Testbed(work / "testbed")
@@ -182,7 +185,7 @@ def pipeline_table(data: dict[str, Any]) -> str:
             f"{s['peak_rss_mib']:>9} {s['tree_rss_mib']:>9}" + (f"  ERROR {s['error']}" if s["error"] else "")
         )
     lines.append(
-        f"verify on {data['cpus']} cores: {_speedup(data)}x --jobs 1 (machine ceiling {data['core_ceiling']}x)"
+        f"verify on {data['cpus']} cores: {_speedup(data) or '-'}x --jobs 1 (machine ceiling {data['core_ceiling']}x)"
     )
     return "\n".join(lines)
 
@@ -207,8 +210,8 @@ def pipeline_markdown(data: dict[str, Any]) -> str:
     speedup = f"**{_speedup(data)}x** `--jobs 1`" if _speedup(data) else "`--jobs 1` not measured"
     md += [
         "",
-        f"`verify` on {data['cpus']} cores: {speedup}; on this machine at that moment two processes "
-        f"verifying ECDSA at once did {data['core_ceiling']}x what one did (the ceiling).",
+        f"`verify` on {data['cpus']} cores: {speedup}; on this machine at the start of the run two processes "
+        f"verifying ECDSA at once did {data['core_ceiling']}x what one did (the ceiling, best of 3).",
         "",
         _end(data["records"]),
     ]
