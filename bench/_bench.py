@@ -203,12 +203,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--report", metavar="DIR", help="write bench.json, bench.png and a BENCHMARKS.md section")
     parser.add_argument("--dask", action="store_true", help="only the Dask job against one guard (bench/_dask.py)")
-    parser.add_argument("--records", type=int, default=20_000, help="--dask: records per run")
     parser.add_argument("--partition-size", type=int, default=2000, help="--dask: records per partition")
+    parser.add_argument(
+        "--pipeline", action="store_true", help="sign and verify N records (and files) instead; see bench/_pipeline.py"
+    )
+    parser.add_argument(
+        "--records", type=int, help="--pipeline: line records (default 1,000,000); --dask: records per run (20,000)"
+    )
+    parser.add_argument(
+        "--dir-records", type=int, help="--pipeline: files (default: records, at most 100,000; 0: none)"
+    )
+    parser.add_argument("--skip-jobs-1", action="store_true", help="--pipeline: no verify --jobs 1 (a long run)")
+    parser.add_argument(
+        "--benchmarks-md",
+        metavar="PATH",
+        default=str(Path(__file__).resolve().parent.parent / "BENCHMARKS.md"),
+        help="--pipeline: the file whose pipeline section is replaced (default: BENCHMARKS.md)",
+    )
     opts = parser.parse_args(argv)
     if opts.case:
         print(json.dumps(CASES[json.loads(opts.case)["kind"]](json.loads(opts.case))))
         return 0
+    if opts.records is None:
+        opts.records = 1_000_000 if opts.pipeline else 20_000
+    if opts.pipeline:
+        return _pipeline(opts)
     if opts.tiny:
         opts.seconds, opts.warmup, opts.runs = 0.2, 0.1, 1
 
@@ -232,6 +251,24 @@ def main(argv: list[str] | None = None) -> int:
     if opts.report:
         say(f"report section: {write_report(data, Path(opts.report))}")
     return 0
+
+
+def _pipeline(opts: argparse.Namespace) -> int:
+    from bench._pipeline import pipeline_figures, pipeline_markdown, pipeline_table, write_section
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    dir_records = opts.dir_records if opts.dir_records is not None else min(opts.records, 100_000)
+    data = pipeline_figures(opts.records, dir_records, say, one_job=not opts.skip_jobs_1)
+    print(json.dumps(data) if opts.json else pipeline_table(data))
+    if opts.report:
+        Path(opts.report).mkdir(parents=True, exist_ok=True)
+        (Path(opts.report) / "pipeline.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_section(Path(opts.benchmarks_md), pipeline_markdown(data), opts.records)
+    say(f"pipeline section written to {opts.benchmarks_md}")
+    failed = [s for part in ("lines", "directory") for s in data[part].values() if s["exit"] != 0]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

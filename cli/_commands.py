@@ -148,9 +148,18 @@ def _merge(opts: argparse.Namespace) -> int:
 
 
 def _verify(opts: argparse.Namespace) -> int:
-    from p11guard.cli._verify import run_verify
+    from p11guard.cli._verify import MAX_JOBS, default_jobs, run_verify
 
-    report = run_verify(Path(opts.input), Path(opts.sigs), Path(opts.pubkey))
+    jobs = default_jobs()
+    if opts.jobs is not None:
+        try:
+            jobs = int(opts.jobs)
+        except ValueError:
+            jobs = 0
+        if not 1 <= jobs <= MAX_JOBS:
+            raise UsageError(f"--jobs {opts.jobs!r}: give a number of processes from 1 to {MAX_JOBS}")
+    report_path = Path(opts.report) if opts.report else None
+    report = run_verify(Path(opts.input), Path(opts.sigs), Path(opts.pubkey), jobs, report_path)
     print(report.summary())
     return EXIT_OK if report.ok else EXIT_FAILED
 
@@ -272,6 +281,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--in", dest="input", required=True, metavar="PATH")
     p.add_argument("--sigs", required=True, metavar="OUT.jsonl", help="a signature file, or a directory of part files")
     p.add_argument("--pubkey", required=True, metavar="pub.pem")
+    p.add_argument(
+        "--jobs", metavar="N", help="processes that check signatures (default: one per core; 1: this process only)"
+    )
+    p.add_argument("--report", metavar="R.json", help="write every finding (all ids of each kind) as JSON")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("merge", help="write the part files of a `sign --dask` directory as one JSONL, in record order")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,6 +26,7 @@ __all__ = [
     "file_kind",
     "open_regular",
     "read_regular",
+    "temp_folder",
     "too_large",
 ]
 
@@ -111,12 +115,12 @@ def check_distinct(paths: dict[str, Path | None]) -> None:
         seen[real] = f"{flag} {path}"
 
 
-def _open(path: Path, nofollow: bool) -> tuple[int, int]:
+def _open(path: str | Path, nofollow: bool) -> tuple[int, os.stat_result]:
     """``os.open`` for reading that never blocks (a FIFO without a writer opens at once);
-    returns the descriptor and the file's mode."""
+    returns the descriptor and the file's status."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
     fd = os.open(path, flags | (os.O_NOFOLLOW if nofollow else 0))
-    return fd, os.fstat(fd).st_mode
+    return fd, os.fstat(fd)
 
 
 def open_regular(path: Path, flag: str) -> BinaryIO:
@@ -126,35 +130,41 @@ def open_regular(path: Path, flag: str) -> BinaryIO:
         UsageError: the file cannot be opened or is not a regular file (named by ``flag``).
     """
     try:
-        fd, mode = _open(path, nofollow=False)
+        fd, info = _open(path, nofollow=False)
     except OSError as exc:
         raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise UsageError(f"{flag} {path} is {file_kind(mode)}, not a regular file")
+        raise UsageError(f"{flag} {path} is {file_kind(info.st_mode)}, not a regular file")
     return os.fdopen(fd, "rb")
 
 
-def read_regular(path: Path, limit: int) -> tuple[bytes | None, str | None]:
+def read_regular(path: str | Path, limit: int) -> tuple[bytes | None, str | None]:
     """A record file's bytes, or ``(None, why not)``: not a regular file or larger than
     ``limit`` (both not read), or unreadable. Symbolic links are not followed."""
     try:
-        fd, mode = _open(path, nofollow=True)
+        fd, info = _open(path, nofollow=True)
     except OSError as exc:
         return None, f"cannot read {path}: {exc.strerror or exc}"
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(mode):
-            return None, f"{path} is {file_kind(mode)}, not a regular file: not read"
-        size = os.fstat(fd).st_size
-        if size > limit:
-            return None, too_large(size, limit)
-        try:
-            data = fh.read(limit + 1)
-        except OSError as exc:
-            return None, f"cannot read {path}: {exc.strerror or exc}"
-    if len(data) > limit:  # it grew since fstat
-        return None, too_large(len(data), limit, at_least=True)
-    return data, None
+    try:
+        if not stat.S_ISREG(info.st_mode):
+            return None, f"{path} is {file_kind(info.st_mode)}, not a regular file: not read"
+        if info.st_size > limit:
+            return None, too_large(info.st_size, limit)
+        chunks, size = [], 0
+        while size <= limit:  # the size it had (and one byte more: did it grow?), to its end
+            chunk = os.read(fd, min(limit + 1 - size, max(info.st_size + 1 - size, 1 << 16)))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        return None, f"cannot read {path}: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+    if size > limit:  # it grew since fstat
+        return None, too_large(size, limit, at_least=True)
+    return b"".join(chunks) if len(chunks) != 1 else chunks[0], None
 
 
 def too_large(size: int, limit: int, at_least: bool = False) -> str:
@@ -164,3 +174,21 @@ def too_large(size: int, limit: int, at_least: bool = False) -> str:
         "one PKCS#11 call through p11guard can carry (a frame is at most 16 MiB; this is fixed): "
         "sign it another way or split it"
     )
+
+
+@contextmanager
+def temp_folder(prefix: str) -> Iterator[Path]:
+    """A temporary folder (in ``$TMPDIR``), removed afterwards.
+
+    Raises:
+        UsageError: it cannot be made.
+    """
+    try:
+        made = tempfile.TemporaryDirectory(prefix=prefix)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot make a temporary folder in {tempfile.gettempdir()}: {exc.strerror or exc}; "
+            "set TMPDIR to a folder you may write"
+        ) from None
+    with made as name:
+        yield Path(name)

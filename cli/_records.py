@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import re
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ __all__ = [
     "check_source",
     "count_records",
     "iter_records",
+    "match_plain",
     "parse_digest",
     "parse_entry",
     "read_lines",
@@ -56,6 +56,24 @@ ITEM_OVERHEAD = 1024
 
 _FIELDS = ("id", "sha256", "signature", "key", "mechanism")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_TEXT = rb'"([\x20\x21\x23-\x5b\x5d-\x7e]*)"'  # printable ASCII, no quote, no backslash: no escapes
+#: The plain form ``signature_line`` writes (ids and labels without escapes). Groups: id,
+#: sha256, signature, key, mechanism, key_sha256, replaces.
+_PLAIN = re.compile(
+    rb'\{"id":' + _TEXT + rb',"sha256":"([0-9a-f]{64})","signature":"([A-Za-z0-9+/]*={0,2})"'
+    rb',"key":'
+    + _TEXT
+    + rb',"mechanism":'
+    + _TEXT
+    + rb'(?:,"key_sha256":"([0-9a-f]{64})")?(?:,"replaces":([1-9][0-9]*))?\}\r?\n?\Z'
+)
+
+
+def match_plain(line: bytes) -> re.Match[bytes] | None:
+    """The line's fields if it has the plain form (see ``_PLAIN``): then ``json.loads``
+    and :func:`parse_entry`'s checks would accept it, with the same values."""
+    plain = _PLAIN.match(line)
+    return plain if plain is not None and len(plain[3]) % 4 == 0 else None  # base64: whole quads
 
 
 @dataclass
@@ -72,19 +90,38 @@ class Record:
     replaces: int | None = None
 
 
-def _walk(root: Path) -> Iterator[tuple[Path, bool]]:
-    """Every non-directory below ``root`` but symbolic links, sorted; and whether it is a
-    regular file."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath, name)
-            try:
-                mode = path.lstat().st_mode
-            except OSError:
-                continue  # gone since listed
-            if not stat.S_ISLNK(mode):
-                yield path, stat.S_ISREG(mode)
+def _walk(root: Path) -> Iterator[tuple[str, str, bool]]:
+    """Every non-directory below ``root`` but symbolic links, sorted as ``os.walk`` with
+    sorted names gives them (at each level the files, then the subfolders), as its id
+    (the path relative to ``root``, with ``/``), its path, and whether it is a regular
+    file. Types come from the directory listing: no ``stat`` per file."""
+    pending: list[tuple[str, str]] = [(str(root), "")]  # folders to list: path, id prefix
+    while pending:
+        folder, prefix = pending.pop()
+        names: list[str] = []  # files (one folder's names in memory at a time, as os.walk)
+        odd: set[str] = set()  # ... of them, not regular files
+        subfolders: list[str] = []
+        try:
+            with os.scandir(folder) as listing:
+                for entry in listing:
+                    try:
+                        if entry.is_symlink():
+                            continue  # not a record, never followed
+                        if entry.is_dir(follow_symlinks=False):
+                            subfolders.append(entry.name)
+                            continue
+                        if not entry.is_file(follow_symlinks=False):
+                            odd.add(entry.name)
+                    except OSError:
+                        continue  # gone since listed
+                    names.append(entry.name)
+        except OSError:
+            continue  # unreadable or gone: as os.walk, skipped
+        names.sort()
+        for name in names:
+            yield prefix + name, os.path.join(folder, name), name not in odd
+        subfolders.sort(reverse=True)
+        pending.extend((os.path.join(folder, name), f"{prefix}{name}/") for name in subfolders)
 
 
 def count_records(source: Path) -> int:
@@ -103,11 +140,10 @@ def iter_records(source: Path, limit: int = MAX_RECORD) -> Iterator[Record]:
     """The records of ``source``, in a stable order, read lazily (memory stays flat: a
     record over ``limit`` bytes is failed without being held)."""
     if source.is_dir():
-        for path, regular in _walk(source):
-            rid = path.relative_to(source).as_posix()
+        for rid, path, regular in _walk(source):
             if not regular:
                 try:
-                    kind = file_kind(path.lstat().st_mode)
+                    kind = file_kind(os.lstat(path).st_mode)
                 except OSError:
                     kind = "not a regular file"
                 yield Record(rid, None, f"{path} is {kind}, not a regular file: not read")
@@ -180,6 +216,21 @@ def signature_line(
 
 def parse_entry(line: bytes) -> tuple[dict[str, Any] | None, str]:
     """A signature-file entry and ``""``, or ``None`` and what is wrong with the line."""
+    plain = match_plain(line)
+    if plain is not None:  # the common case, ~4x faster than JSON
+        rid, sha256, signature, key, mechanism, fingerprint, replaces = plain.groups()
+        entry: dict[str, Any] = {
+            "id": rid.decode(),
+            "sha256": sha256.decode(),
+            "signature": signature.decode(),
+            "key": key.decode(),
+            "mechanism": mechanism.decode(),
+        }
+        if fingerprint is not None:
+            entry["key_sha256"] = fingerprint.decode()
+        if replaces is not None:
+            entry["replaces"] = int(replaces)
+        return entry, ""
     try:
         entry = json.loads(line)
     except ValueError:

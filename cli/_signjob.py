@@ -8,6 +8,8 @@ leaves exactly one signature in force per record.
 
 A record changed since it was signed is reported and not skipped silently; with
 ``resign_changed`` it is signed again on a new line naming the line it ``replaces``.
+A resume starts its guard only when it meets the first record to sign: one that finds
+every record signed and unchanged never touches the HSM.
 Batches hold at most ``workers.batch_size`` records and ``BATCH_BYTES``; a record
 larger than ``MAX_RECORD`` fails alone, unread (see :mod:`p11guard.cli._records`).
 
@@ -21,6 +23,7 @@ hex digest (``sha256sum``'s first word) and is signed as such (``sign_digest``).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +35,7 @@ from typing import Any, BinaryIO, TextIO
 from p11guard._guard import Guard
 from p11guard.base import Config, GuardClosed, GuardFailed, RemoteError
 from p11guard.cli._keyinfo import key_fingerprint, resolve_key
-from p11guard.cli._paths import check_distinct, check_output
+from p11guard.cli._paths import UsageError, check_distinct, check_output, temp_folder
 from p11guard.cli._progress import make_progress
 from p11guard.cli._records import (
     BATCH_BYTES,
@@ -44,7 +47,7 @@ from p11guard.cli._records import (
     parse_digest,
     signature_line,
 )
-from p11guard.cli._sigfile import SignatureFile
+from p11guard.cli._sigfile import SignatureFile, record_key
 from p11guard.cli._signreport import SignReport
 from p11guard.cli._timeline import Timeline, render, require_matplotlib
 from p11guard.protocol import DIGEST_SIZES, MECHANISMS
@@ -103,9 +106,27 @@ def run_sign(
     check_distinct({"--in": source, "--out": out, "--report": report_path, "--timeline": timeline_path})
     started_wall, started = time.time(), time.monotonic()
     report = SignReport(records=count_records(source))
-    sigfile = SignatureFile(out, source, report.records, line_ids=not source.is_dir())
-    sigfile.load()
-    try:
+    line_ids = not source.is_dir()
+    with temp_folder("p11guard-sign-") as tmp:
+        if report_path is not None:
+            report.spool = tmp
+        sigfile = SignatureFile(out, source, report.records, line_ids, tmp)
+        try:
+            sigfile.load()
+        except OSError as exc:  # the lines out of record order are sorted in ``tmp``
+            raise UsageError(
+                f"--out {out}: cannot read it in record order: {exc.strerror or exc}; lines out of order "
+                f"are sorted in {tmp.parent} (TMPDIR): give it room"
+            ) from None
+        todo = _todo(iter_records(source), sigfile, report, resign_changed)
+        if sigfile.first is not None and sigfile.first[2] is not None and timeline_path is None:
+            # A resume: the file pins key, mechanism and fingerprint. Records already signed
+            # and unchanged need no HSM; a guard starts only for the first record to sign.
+            sigfile.check_label(key, mechanism, "digest" if digest else "data")
+            first = next(todo, None)
+            todo = itertools.chain([first] if first is not None else [], todo)
+            if first is None:
+                return _finish(report, started, report_path, timeline_path)
         with Guard(config) as guard:
             key_type, mech = resolve_key(guard, key, mechanism, digest)
             fingerprint = key_fingerprint(guard, key, key_type)
@@ -115,7 +136,7 @@ def run_sign(
             job = _Job(guard, config, key, mech, fingerprint, report, progress.update, timeline, digest)
             try:
                 with sigfile.open_for_append() as fh:
-                    job.run(_todo(iter_records(source), sigfile, report, resign_changed), fh)
+                    job.run(todo, fh)
             finally:
                 progress.close()
                 if timeline is not None:
@@ -123,8 +144,10 @@ def run_sign(
                 status = guard.status()
                 report.recoveries = status.get("counters", {}).get("recoveries", 0)
                 report.outage_s = round(_outage_s(status, started_wall), 3)
-    finally:
-        sigfile.close()
+        return _finish(report, started, report_path, timeline_path)
+
+
+def _finish(report: SignReport, started: float, report_path: Path | None, timeline_path: Path | None) -> SignReport:
     report.elapsed_s = round(time.monotonic() - started, 3)
     report.ops_per_s = round(report.signed / report.elapsed_s, 1) if report.elapsed_s else 0.0
     if report_path is not None:
@@ -138,25 +161,31 @@ def run_sign(
 
 def _todo(records: Iterable[Record], sigfile: SignatureFile, report: SignReport, resign: bool) -> Iterator[Record]:
     """The records to sign: not done yet, or changed since and ``resign``. Skips (and
-    counts) the others; notes the changed ones it does not re-sign."""
+    counts) the others; notes the changed ones it does not re-sign, and fails the ones
+    it cannot read. Records and the file's signatures are both in record order: joined
+    as they are read."""
+    done = sigfile.done()
+    signed = next(done, None)
     for record in records:
-        done = sigfile.latest(record.id)
-        if done is None:
-            yield record
+        key = record_key(record.id, sigfile.line_ids)
+        while signed is not None and signed[0] < key:  # type: ignore[operator]
+            signed = next(done, None)  # a record no longer in the input: not an error for sign
+        if signed is None or signed[0] != key:
+            if record.data is None:
+                report.fail(record.id, record.error or "not read")
+            else:
+                yield record
             continue
-        line = done[0]
+        _, line, recorded = signed
         if record.data is None:
-            report.failed += 1
-            reason = f"{record.error} (signed on line {line} of --out; cannot check it is unchanged)"
-            report.failures.append({"id": record.id, "reason": reason})
-        elif sigfile.recorded_sha256(record.id) == hashlib.sha256(record.data).hexdigest():
+            report.fail(record.id, f"{record.error} (signed on line {line} of --out; cannot check it is unchanged)")
+        elif recorded == hashlib.sha256(record.data).hexdigest():
             report.skipped += 1
         elif resign:
             record.replaces = line
             yield record
         else:
-            report.changed += 1
-            report.changes.append({"id": record.id, "line": line})
+            report.change(record.id, line)
 
 
 def batches(records: Iterable[Record], count: int, max_bytes: int = BATCH_BYTES) -> Iterator[list[Record]]:
@@ -201,8 +230,7 @@ class _Job:
         self.last_done = time.time()
 
     def fail(self, record: Record, reason: str) -> None:
-        self.report.failed += 1
-        self.report.failures.append({"id": record.id, "reason": reason})
+        self.report.fail(record.id, reason)
 
     def _item(self, record: Record) -> tuple[str, dict[str, Any]] | None:
         """The request for a record (``None``: a ``--digest`` record that holds no digest)."""

@@ -1,11 +1,16 @@
-"""The summary of a ``p11guard sign`` run (printed, and written as JSON with ``--report``)."""
+"""The summary of a ``p11guard sign`` run (printed, and written as JSON with ``--report``).
+
+Memory stays flat however many records fail or changed: the report keeps the first
+:data:`SHOWN` of each; with a spool folder every one also goes to a file as it comes, and
+:meth:`SignReport.write` streams them into the JSON.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from p11guard.cli._paths import UsageError
 
@@ -29,6 +34,7 @@ class SignReport:
     outage_s: float = 0.0
     elapsed_s: float = 0.0
     ops_per_s: float = 0.0
+    #: The first :data:`SHOWN` failed and changed records (all of them in ``--report``).
     failures: list[dict[str, str]] = field(default_factory=list)
     changes: list[dict[str, str | int]] = field(default_factory=list)
     stalls: list[dict[str, float]] = field(default_factory=list)
@@ -43,6 +49,28 @@ class SignReport:
     partitions: dict[str, Any] | None = None
     #: With ``--dask``: by worker address, its ``recoveries``, ``outages``, ``outage_s`` ...
     workers: dict[str, dict[str, Any]] | None = None
+    #: Where every failed and changed record goes as well (for ``--report``), if set.
+    spool: Path | None = field(default=None, repr=False, compare=False)
+    _files: dict[str, IO[str]] = field(default_factory=dict, repr=False, compare=False)
+
+    def fail(self, record_id: str, reason: str) -> None:
+        """A record that was not signed, and why."""
+        self.failed += 1
+        self._note("failures", self.failures, {"id": record_id, "reason": reason})
+
+    def change(self, record_id: str, line: int) -> None:
+        """A record changed since line ``line`` of ``--out`` signed it (not re-signed)."""
+        self.changed += 1
+        self._note("changes", self.changes, {"id": record_id, "line": line})
+
+    def _note(self, name: str, shown: list[Any], item: dict[str, Any]) -> None:
+        if len(shown) < SHOWN:
+            shown.append(item)
+        if self.spool is not None:
+            fh = self._files.get(name)
+            if fh is None:
+                fh = self._files[name] = (self.spool / f"{name}.jsonl").open("w", buffering=1 << 16)
+            fh.write(json.dumps(item) + "\n")
 
     @property
     def ok(self) -> bool:
@@ -76,12 +104,12 @@ class SignReport:
             )
         for failure in self.failures[:SHOWN]:
             lines.append(f"  failed {failure['id']}: {failure['reason']}")
-        if len(self.failures) > SHOWN:
-            lines.append(f"  ... and {len(self.failures) - SHOWN} more (all listed in --report)")
+        if self.failed > SHOWN and len(self.failures) >= SHOWN:  # (--dask lists partitions, counts records)
+            lines.append(f"  ... and {self.failed - SHOWN} more (all listed in --report)")
         for change in self.changes[:SHOWN]:
             lines.append(f"  changed {change['id']}: differs from what line {change['line']} of --out signed")
-        if len(self.changes) > SHOWN:
-            lines.append(f"  ... and {len(self.changes) - SHOWN} more changed (all listed in --report)")
+        if self.changed > SHOWN:
+            lines.append(f"  ... and {self.changed - SHOWN} more changed (all listed in --report)")
         return "\n".join(lines)
 
     def changed_line(self) -> str:
@@ -94,10 +122,27 @@ class SignReport:
         )
 
     def write(self, path: Path) -> None:
-        """Write as JSON, atomically (beside it, then renamed)."""
+        """Write as JSON (every failed and changed record, from the spool), atomically
+        (beside it, then renamed)."""
+        for fh in self._files.values():
+            fh.close()
+        skip = ("failures", "changes", "spool", "_files")
+        head = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+            with tmp.open("w", buffering=1 << 16) as out:
+                out.write(json.dumps(head, indent=2)[:-2])
+                for name, shown in (("failures", self.failures), ("changes", self.changes)):
+                    out.write(f',\n  "{name}": [')
+                    spooled = self.spool / f"{name}.jsonl" if self.spool is not None else None
+                    if spooled is not None and spooled.exists():
+                        with spooled.open() as fh:
+                            for i, line in enumerate(fh):
+                                out.write((", " if i else "") + line.rstrip("\n"))
+                    else:
+                        out.write(", ".join(json.dumps(item) for item in shown))
+                    out.write("]")
+                out.write("\n}\n")
             tmp.replace(path)
         except OSError as exc:
             raise UsageError(f"--report {path}: cannot write it: {exc.strerror or exc} (--out is complete)") from None

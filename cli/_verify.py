@@ -1,206 +1,256 @@
-"""``p11guard verify``: check a signature file (or a directory of part files from
-``p11guard sign --dask``) against its records, with no HSM.
+"""``p11guard verify``: check a signature file against its records, with no HSM.
 
 Uses the ``cryptography`` package only: every record must have exactly one valid
 signature in force (a line with ``replaces`` supersedes the line it names: the later line
 wins, the replaced one is no duplicate). Reports missing, duplicate, invalid, tampered and
-wrong-key records (a recorded ``key_sha256`` that is not ``--pubkey``'s) by id.
+wrong-key records (a recorded ``key_sha256`` that is not ``--pubkey``'s) by id, ids of no
+record (``unknown``) and lines that are no signature entry.
+
+Streams, with memory flat in the number of records: the signature file is read twice in
+record order (:mod:`p11guard.cli._keyorder`: a window puts lines a little out of place
+back, lines far out of place are sorted on disk), joined with the records as they are
+read, and the checks run in chunks on ``jobs`` processes (:mod:`p11guard.cli._verifypool`).
+``--sigs`` may also be the part files of a ``sign --dask`` run (a directory with its
+manifest): their lines are numbered on across parts, in partition order.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from p11guard.cli._extsort import ExternalSort
 from p11guard.cli._keyinfo import pem_fingerprint
+from p11guard.cli._keyorder import WINDOW, Item, Key, KeyOrder, line_id, line_key, path_key
 from p11guard.cli._parts import MANIFEST, iter_part_lines
-from p11guard.cli._paths import UsageError, check_input_file, check_source, open_regular
-from p11guard.cli._records import iter_records, parse_digest, parse_entry
+from p11guard.cli._paths import (
+    UsageError,
+    check_distinct,
+    check_input_file,
+    check_output,
+    check_source,
+    open_regular,
+    temp_folder,
+)
+from p11guard.cli._records import iter_records, parse_entry
 from p11guard.cli._sigfile import MAX_SIGNATURE_LINE
-from p11guard.protocol import DIGEST_SIZES, MECHANISMS
+from p11guard.cli._verifypool import Checker
+from p11guard.cli._verifyreport import VerifyReport
+from p11guard.cli._verifywork import GOOD, INVALID, MALFORMED, TAMPERED, UNREAD, WRONG_KEY, Task, verify_signature
 
-__all__ = ["VerifyReport", "run_verify", "verify_signature"]
+__all__ = ["MAX_JOBS", "VerifyReport", "default_jobs", "run_verify", "verify_signature"]
+
+MAX_JOBS = 256
+_MAX_PEM = 1 << 20
+#: A task's bookkeeping: the record's id and the line numbers of the lines sent.
+_Meta = tuple[str, tuple[int, ...]]
 
 
-_HASHES: dict[str, hashes.HashAlgorithm] = {
-    "sha256": hashes.SHA256(),
-    "sha384": hashes.SHA384(),
-    "sha512": hashes.SHA512(),
-}
-
-
-def verify_signature(public_key: Any, mechanism: str, signature: bytes, data: bytes, digest: bool = False) -> bool:
-    """``True`` if ``signature`` over ``data`` is valid for ``public_key`` and ``mechanism``
-    (``digest``: ``data`` is the digest that was signed, as with ``sign --digest``)."""
-    spec = MECHANISMS.get(mechanism)
-    if spec is None or "sign" not in spec.uses:
-        return False
-    algorithm: Any = _HASHES[spec.digest] if spec.digest else None
-    if digest:
-        if algorithm is None or len(data) != algorithm.digest_size:
-            return False
-        algorithm = Prehashed(algorithm)
+def default_jobs() -> int:
+    """One process per core this process may run on."""
     try:
-        if mechanism.startswith("ecdsa-") and isinstance(public_key, ec.EllipticCurvePublicKey):
-            public_key.verify(signature, data, ec.ECDSA(algorithm))
-        elif mechanism.startswith("rsa-pkcs1-") and isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(signature, data, padding.PKCS1v15(), algorithm)
-        elif mechanism.startswith("rsa-pss-") and isinstance(public_key, rsa.RSAPublicKey):
-            salt = DIGEST_SIZES[str(spec.digest)]
-            public_key.verify(signature, data, padding.PSS(padding.MGF1(_HASHES[str(spec.digest)]), salt), algorithm)
-        elif mechanism == "ed25519" and isinstance(public_key, ed25519.Ed25519PublicKey) and not digest:
-            public_key.verify(signature, data)
-        else:
-            return False  # the mechanism does not fit the key
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
-@dataclass
-class VerifyReport:
-    records: int = 0
-    valid: int = 0
-    missing: list[str] = field(default_factory=list)
-    duplicate: list[str] = field(default_factory=list)
-    invalid: list[str] = field(default_factory=list)
-    tampered: list[str] = field(default_factory=list)
-    wrong_key: list[str] = field(default_factory=list)
-    unknown: list[str] = field(default_factory=list)
-    malformed_lines: list[int] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.valid == self.records and not (
-            self.missing
-            or self.duplicate
-            or self.invalid
-            or self.tampered
-            or self.wrong_key
-            or self.unknown
-            or self.malformed_lines
-        )
-
-    def summary(self) -> str:
-        lines = [
-            f"records {self.records}, valid {self.valid}, missing {len(self.missing)}, "
-            f"duplicate {len(self.duplicate)}, invalid {len(self.invalid)}, tampered {len(self.tampered)}"
-            + (f", wrong key {len(self.wrong_key)}" if self.wrong_key else "")
-            + (f", unknown ids {len(self.unknown)}" if self.unknown else "")
-            + (f", malformed lines {len(self.malformed_lines)}" if self.malformed_lines else "")
-        ]
-        for name in ("missing", "duplicate", "invalid", "tampered", "wrong_key", "unknown"):
-            ids: list[str] = getattr(self, name)
-            if ids:
-                more = f" ... and {len(ids) - 20} more" if len(ids) > 20 else ""
-                lines.append(f"  {name}: {', '.join(ids[:20])}{more}")
-        if self.malformed_lines:
-            lines.append(f"  malformed lines: {', '.join(map(str, self.malformed_lines[:20]))}")
-        lines.append("OK: every record has exactly one valid signature" if self.ok else "FAILED")
-        return "\n".join(lines)
-
-
-def _load_public_key(path: Path) -> tuple[Any, str]:
-    """The public key and its fingerprint."""
+def _load_public_key(path: Path) -> tuple[Any, bytes, str]:
+    """The public key, its PEM and its fingerprint."""
     with open_regular(path, "--pubkey") as fh:
         pem = fh.read(_MAX_PEM + 1)
     if len(pem) > _MAX_PEM:
         raise UsageError(f"--pubkey {path} is larger than {_MAX_PEM} bytes: not a PEM public key")
     try:
-        return load_pem_public_key(pem), pem_fingerprint(pem)
+        return load_pem_public_key(pem), pem, pem_fingerprint(pem)
     except ValueError as exc:
         raise UsageError(f"--pubkey {path} is not a PEM public key ({exc})") from None
 
 
-_MAX_PEM = 1 << 20
-
-
-def _in_force(found: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The entries of one record that are in force: a line naming another in ``replaces``
+def _in_force(found: list[tuple[int, dict[str, Any]]]) -> list[int]:
+    """The lines of one record that are in force: a line naming another in ``replaces``
     supersedes it (lines in file order, so a chain of re-signs leaves the last)."""
-    kept: list[tuple[int, dict[str, Any]]] = []
+    kept: list[int] = []
     for n, entry in found:
         replaces = entry.get("replaces")
-        kept = [(m, e) for m, e in kept if m != replaces]
-        kept.append((n, entry))
-    return [e for _, e in kept]
+        kept = [m for m in kept if m != replaces]
+        kept.append(n)
+    return kept
 
 
-def _file_lines(sigs: Path) -> Iterator[bytes]:
-    """The lines of a signature file (a line longer than any signature line is cut)."""
+def _lines(sigs: Path) -> Iterator[tuple[int, bytes | None]]:
+    """Each line of the signature file (or of a ``sign --dask`` output's parts, numbered
+    on across them) and its number; ``None`` for one too long to be a signature line (its
+    rest is skipped unread)."""
+    if sigs.is_dir():
+        for n, (_, _, line) in enumerate(iter_part_lines(sigs), 1):
+            yield n, line if len(line) <= MAX_SIGNATURE_LINE else None
+        return
     with open_regular(sigs, "--sigs") as fh:
+        n = 0
         while line := fh.readline(MAX_SIGNATURE_LINE + 1):
-            yield line
-            if not line.endswith(b"\n"):  # skip the rest of an overlong line
+            n += 1
+            if len(line) <= MAX_SIGNATURE_LINE:
+                yield n, line
+                continue
+            if not line.endswith(b"\n"):
                 while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
                     pass
+            yield n, None
 
 
-def run_verify(source: Path, sigs: Path, pubkey: Path) -> VerifyReport:
-    """Verify every record of ``source`` against the signature file ``sigs``."""
+class _Verify:
+    """One run: the join of records and signature lines, and what it found."""
+
+    def __init__(self, source: Path, sigs: Path, folder: Path, report: VerifyReport) -> None:
+        self.source, self.sigs, self.folder, self.report = source, sigs, folder, report
+        self.dirs = source.is_dir()
+        self.unknown = ExternalSort(folder)
+        self.malformed = ExternalSort(folder)
+
+    def key(self, record_id: str) -> Key | None:
+        """The key of the record an id names; ``None`` if it can name none (path keys are
+        one-to-one only for ids without NUL, which no path has)."""
+        if self.dirs:
+            return None if "\0" in record_id else path_key(record_id)
+        return line_key(record_id)
+
+    def keyed(self, keyless: Callable[[int, bytes | None], None]) -> Iterator[Item]:
+        """The lines with a key of this input, in file order; the others go to ``keyless``."""
+        for n, line in _lines(self.sigs):
+            rid = None if line is None else line_id(line)
+            key = None if rid is None else self.key(rid)
+            if key is None:
+                keyless(n, line)
+            else:
+                assert line is not None
+                yield key, n, line
+
+    def no_record(self, n: int, line: bytes | None) -> None:
+        """A line that names no record: an unknown id, or no signature entry at all."""
+        entry = None if line is None else parse_entry(line)[0]
+        if entry is None:
+            self.malformed.add((n,))
+        else:
+            rid: str = entry["id"]
+            self.unknown.add((rid.encode("utf-8", "surrogatepass"), rid))
+
+    def task(self, data: bytes | None, lines: list[tuple[int, bytes]]) -> tuple[tuple[int, ...], Task]:
+        """The lines to check for a record: all in force (one line: the workers parse it)."""
+        if len(lines) > 1:
+            found: list[tuple[int, dict[str, Any]]] = []
+            for n, line in lines:
+                entry = parse_entry(line)[0]
+                if entry is None:
+                    self.malformed.add((n,))
+                else:
+                    found.append((n, entry))
+            keep = set(_in_force(found))
+            lines = [(n, line) for n, line in lines if n in keep]
+        numbers = tuple(n for n, _ in lines)
+        return numbers, (data if lines else None, tuple(line for _, line in lines))
+
+    def done(self, meta: _Meta, codes: tuple[int, ...]) -> None:
+        """A record's verdict, from its lines' codes (in record order)."""
+        rid, numbers = meta
+        report = self.report
+        report.records += 1
+        kept = []
+        for n, code in zip(numbers, codes, strict=True):
+            if code == MALFORMED:
+                self.malformed.add((n,))
+            else:
+                kept.append(code)
+        if not kept:
+            report.add("missing", rid)
+            return
+        if len(kept) > 1:
+            report.add("duplicate", rid)
+        if kept[0] == UNREAD:
+            report.add("invalid", rid)
+            return
+        for code in kept:
+            if code != GOOD:
+                report.add({TAMPERED: "tampered", WRONG_KEY: "wrong_key", INVALID: "invalid"}[code], rid)
+        if kept == [GOOD]:
+            report.valid += 1
+
+    def run(self, order: KeyOrder, checker: Checker[_Meta]) -> None:
+        order.first_pass(self.keyed(lambda n, line: None))
+        lines = order.grouped(self.keyed(self.no_record))
+        group = next(lines, None)
+        previous: Key | None = None
+        for record in iter_records(self.source):
+            key: Key = path_key(record.id) if self.dirs else int(record.id)
+            if previous is not None and key <= previous:  # type: ignore[operator]
+                raise RuntimeError(f"p11guard verify: records out of order at {record.id!r} (a bug)")
+            previous = key
+            while group is not None and group[0] < key:  # type: ignore[operator]
+                for n, line in group[1]:
+                    self.no_record(n, line)
+                group = next(lines, None)
+            found: list[tuple[int, bytes]] = []
+            if group is not None and group[0] == key:
+                found, group = group[1], next(lines, None)
+            numbers, task = self.task(record.data, found)
+            checker.add((record.id, numbers), task)
+        while group is not None:
+            for n, line in group[1]:
+                self.no_record(n, line)
+            group = next(lines, None)
+        checker.finish()
+        last = None
+        for _, rid in self.unknown:  # sorted by id, each once
+            if rid != last:
+                self.report.add("unknown", rid)
+                last = rid
+        for (n,) in self.malformed:
+            self.report.add("malformed_lines", n)
+
+
+def run_verify(
+    source: Path,
+    sigs: Path,
+    pubkey: Path,
+    jobs: int = 1,
+    report_path: Path | None = None,
+    window: int = WINDOW,
+    sort_bytes: int = 32 * 1024 * 1024,
+) -> VerifyReport:
+    """Verify every record of ``source`` against the signature file ``sigs`` on ``jobs``
+    processes; with ``report_path``, write every finding there as JSON."""
     check_source(source)
-    parts = sigs.is_dir()
-    if parts:
+    if sigs.is_dir():
         if not (sigs / MANIFEST).is_file():
             raise UsageError(f"--sigs {sigs} is a directory without {MANIFEST}: not a `p11guard sign --dask` output")
     else:
         check_input_file(sigs, "--sigs")
     check_input_file(pubkey, "--pubkey")
-    public_key, fingerprint = _load_public_key(pubkey)
-    entries: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
-    report = VerifyReport()
-    try:
-        lines = (line for _, _, line in iter_part_lines(sigs)) if parts else _file_lines(sigs)
-        for n, line in enumerate(lines, 1):  # a directory's parts count on, in partition order
-            entry, _ = parse_entry(line) if len(line) <= MAX_SIGNATURE_LINE else (None, "")
-            if entry is None:
-                report.malformed_lines.append(n)
-            else:
-                entries[entry["id"]].append((n, entry))
-    except OSError as exc:
-        raise UsageError(f"--sigs {sigs}: {exc.strerror or exc}") from None
-    for record in iter_records(source):
-        report.records += 1
-        found = _in_force(entries.pop(record.id, []))
-        if not found:
-            report.missing.append(record.id)
-            continue
-        if len(found) > 1:
-            report.duplicate.append(record.id)
-        if record.data is None:
-            report.invalid.append(record.id)
-            continue
-        digest = hashlib.sha256(record.data).hexdigest()
-        good = 0
-        for entry in found:
-            if entry["sha256"] != digest:
-                report.tampered.append(record.id)
-                continue
-            if entry.get("key_sha256", fingerprint) != fingerprint:
-                report.wrong_key.append(record.id)
-                continue
-            signature = base64.b64decode(entry["signature"], validate=True)
-            signed = record.data
-            if entry.get("input") == "digest":
-                spec = MECHANISMS.get(entry["mechanism"])
-                size = DIGEST_SIZES.get(str(spec.digest if spec is not None else None), 0)
-                signed = parse_digest(record.data, size) or b""
-            if verify_signature(public_key, entry["mechanism"], signature, signed, entry.get("input") == "digest"):
-                good += 1
-            else:
-                report.invalid.append(record.id)
-        if good == 1 and len(found) == 1:
-            report.valid += 1
-    report.unknown = sorted(entries)
+    if report_path is not None:
+        check_output(report_path, "--report", replaced=True)
+        check_distinct({"--in": source, "--report": report_path})
+        check_distinct({"--sigs": sigs, "--pubkey": pubkey, "--report": report_path})
+    if not 1 <= jobs <= MAX_JOBS:
+        raise UsageError(f"--jobs {jobs}: give a number of processes from 1 to {MAX_JOBS}")
+    public_key, pem, fingerprint = _load_public_key(pubkey)
+    with temp_folder("p11guard-verify-") as folder:
+        report = VerifyReport(spool=folder if report_path is not None else None)
+        job = _Verify(source, sigs, folder, report)
+        try:
+            with Checker[_Meta](jobs, pem, public_key, fingerprint, job.done) as checker:
+                job.run(KeyOrder(folder, window, sort_bytes), checker)
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise UsageError(
+                f"verify stopped: {exc.strerror or exc}{where}; check --in, --sigs and the free space in "
+                f"{tempfile.gettempdir()} (set TMPDIR to use another folder)"
+            ) from None
+        finally:
+            report.close()
+        if report_path is not None:
+            report.write(report_path)
     return report

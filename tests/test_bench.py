@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench._pipeline import pipeline_markdown, section_title, write_section
 from bench._report import goals, table
 
 
@@ -36,3 +37,35 @@ def test_bench_tiny_runs_every_contender(tmp_path: Path) -> None:
     assert all(r["name"] in table(data) for r in rows)  # one line per contender
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "| goal | met | figure |" in (tmp_path / "BENCHMARKS-section.md").read_text()
+
+
+def test_bench_pipeline_runs_and_writes_its_section(tmp_path: Path) -> None:
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n## Another section\n\nkept\n")
+    argv = [sys.executable, "-m", "bench", "--pipeline", "--records", "1500", "--dir-records", "300"]
+    done = subprocess.run(
+        [*argv, "--json", "--benchmarks-md", str(md)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    steps = {
+        **{f"lines {k}": v for k, v in data["lines"].items()},
+        **{f"dir {k}": v for k, v in data["directory"].items()},
+    }
+    assert all(s["exit"] == 0 and s["wall_s"] > 0 and s["peak_rss_mib"] > 0 for s in steps.values()), steps
+    assert "records 1500, signed 1500" in steps["lines sign"]["summary"][0]
+    assert "records 1500, valid 1500" in steps["lines verify --jobs 1"]["summary"][0]
+    assert "records 300, signed 0, skipped 300" in steps["dir sign again (all done)"]["summary"][0]
+    assert steps["lines sign again (all done)"]["children"] == 0  # no guard: no host process
+    text = md.read_text()
+    assert text.count(section_title(1500)) == 1 and "kept" in text and "| 1,500 lines | `sign` |" in text
+    data["lines"]["sign"]["wall_s"] = 1234.5
+    write_section(md, pipeline_markdown(data), 1500)  # a later run of as many records replaces it
+    write_section(md, pipeline_markdown({**data, "records": 7}), 7)  # another size adds its own
+    text = md.read_text()
+    assert text.count(section_title(1500)) == 1 and "| 1,500 lines | `sign` | 1234.5 |" in text
+    assert text.count(section_title(7)) == 1 and "| 7 lines | `sign` |" in text and "kept" in text
