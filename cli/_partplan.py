@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p11guard.cli._paths import check_source, file_kind, open_regular, read_regular
-from p11guard.cli._records import MAX_RECORD, Record, read_lines
+from p11guard.cli._paths import check_source, open_regular
+from p11guard.cli._records import MAX_RECORD, Record, file_record, read_lines
 
 __all__ = ["DEFAULT_PARTITION_SIZE", "Plan", "make_plan", "partition_records"]
 
@@ -150,13 +150,4 @@ def partition_records(plan: Plan, k: int, limit: int = MAX_RECORD) -> Iterator[R
         yield from read_lines(plan.source, plan.offsets[k], start + 1, end - start, limit)
         return
     for rid, _size, _mtime, regular in plan.files[start:end]:
-        path = plan.source / rid
-        if not regular:
-            try:
-                kind = file_kind(path.lstat().st_mode)
-            except OSError:
-                kind = "not a regular file"
-            yield Record(rid, None, f"{path} is {kind}, not a regular file: not read")
-            continue
-        data, error = read_regular(path, limit)
-        yield Record(rid, data, error)
+        yield file_record(rid, plan.source / rid, regular, limit)

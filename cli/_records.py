@@ -37,6 +37,7 @@ __all__ = [
     "UsageError",
     "check_source",
     "count_records",
+    "file_record",
     "iter_records",
     "match_plain",
     "parse_digest",
@@ -141,18 +142,23 @@ def iter_records(source: Path, limit: int = MAX_RECORD) -> Iterator[Record]:
     record over ``limit`` bytes is failed without being held)."""
     if source.is_dir():
         for rid, path, regular in _walk(source):
-            if not regular:
-                try:
-                    kind = file_kind(os.lstat(path).st_mode)
-                except OSError:
-                    kind = "not a regular file"
-                yield Record(rid, None, f"{path} is {kind}, not a regular file: not read")
-                continue
-            data, error = read_regular(path, limit)
-            yield Record(rid, data, error)
+            yield file_record(rid, path, regular, limit)
         return
     with open_regular(source, "--in") as fh:
         yield from _lines(fh, limit)
+
+
+def file_record(rid: str, path: str | Path, regular: bool, limit: int = MAX_RECORD) -> Record:
+    """The record of a file of a directory input (``regular``: as its listing said); a
+    file that is no regular file is failed unread, named with what it is."""
+    if not regular:
+        try:
+            kind = file_kind(os.lstat(path).st_mode)
+        except OSError:
+            kind = "not a regular file"
+        return Record(rid, None, f"{path} is {kind}, not a regular file: not read")
+    data, error = read_regular(path, limit)
+    return Record(rid, data, error)
 
 
 def read_lines(source: Path, offset: int, first: int, count: int, limit: int = MAX_RECORD) -> Iterator[Record]:
