@@ -130,7 +130,7 @@ def test_sign_directory_with_unreadable_file(
 def test_kill_9_then_rerun_is_exactly_once(
     bed: Testbed, pub: Path, tmp_path: Path, fraction: float, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    n = 4000
+    n = 20_000  # ~1 s of signing in-process: 4,000 could all be signed before the kill at 80 %
     source, out = _records_file(tmp_path, n), tmp_path / "sigs.jsonl"
     proc = subprocess.Popen(_sign_cmd(bed.direct_config_path, source, out))
     try:
