@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from p11guard._aio import awaitable
 from p11guard.base import Config
 
 __all__ = ["Operations"]
@@ -280,7 +281,7 @@ class Operations:
     # -- asyncio forms ------------------------------------------------------------------
 
     async def _await(self, future: Future[T]) -> T:
-        return await asyncio.wrap_future(future)
+        return await awaitable(future)
 
     async def asign(self, key: str, data: bytes, mechanism: str = "ecdsa-sha256") -> bytes:
         return await self._await(self.submit_sign(key, data, mechanism))
@@ -346,7 +347,7 @@ class Operations:
     async def asign_many(self, key: str, items: Iterable[bytes], mechanism: str = "ecdsa-sha256") -> list[bytes]:
         futures = [f for _, f in self.submit_sign_many(key, items, mechanism)]
         out: list[bytes] = []
-        for chunk in await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)):
+        for chunk in await asyncio.gather(*(awaitable(f) for f in futures)):
             for item in chunk:
                 if isinstance(item, BaseException):
                     raise item

@@ -383,7 +383,9 @@ def test_a_worker_that_cannot_start_its_guard_stops_the_job_once(
     pin = tmp_path / "copy.pin"
     pin.write_text(group.pin.reveal())
     pin.chmod(0o600)
-    source, out = records(tmp_path, 4_000), tmp_path / "sigs"
+    # Enough records that the survivor cannot sign them all before the restarted worker
+    # gets a task (4,000 could be, on a fast run: the job then ended without the error).
+    source, out = records(tmp_path, 20_000), tmp_path / "sigs"
     group.fault("latency", 1)
     job = Job(config_dict(group, pin_file=str(pin)), EC_KEY, source, out, scheduler=cluster.client, quiet=True,
               partition_size=100)  # fmt: skip
@@ -392,8 +394,8 @@ def test_a_worker_that_cannot_start_its_guard_stops_the_job_once(
     pin.unlink()
     cluster.kill_worker(next(iter(cluster.views())))
     with pytest.raises(ConfigError, match=r"stopped: a worker cannot sign: group\.pin_file: .*copy\.pin"):
-        job.result(60)
-    assert len(parts(out)) < 40
+        job.result(120)
+    assert len(parts(out)) < 200
     left = cluster.client.run(lambda dask_worker: sorted(dask_worker.plugins))
     assert not [n for names in left.values() for n in names if n.startswith("p11guard")]
 
