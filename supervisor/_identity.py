@@ -33,12 +33,22 @@ def token_mismatch(member: Member, token: Any, serials: tuple[str, ...]) -> Toke
             return TokenMismatch(member.name, {"serial": list(serials)}, found, reason)
         member.identity = found
         return None
-    if found == member.identity:
-        return None
     expected = member.identity
+    # A field answered blank is no evidence either way: SoftHSM2 reads its token file while
+    # other processes use it, and once (16 workers logging in) answered our serial,
+    # manufacturer and model with another label -- most likely read blank; the message did
+    # not name the field then, it does now. A different token differs in a field it names.
+    differ = [k for k in IDENTITY_FIELDS if _named(found[k]) and _named(expected[k]) and found[k] != expected[k]]
+    if not differ:
+        return None
     reason = (
         f"a different token answers: expected serial {expected['serial']!r} ({expected['manufacturer']} "
-        f"{expected['model']}), found serial {found['serial']!r} ({found['manufacturer']} {found['model']}); "
-        "kept out, never served"
+        f"{expected['model']}), found serial {found['serial']!r} ({found['manufacturer']} {found['model']})"
+        + "".join(f"; {k} {expected[k]!r}, now {found[k]!r}" for k in differ if k != "serial")
+        + "; kept out, never served"
     )
     return TokenMismatch(member.name, expected, found, reason)
+
+
+def _named(value: Any) -> bool:
+    return bool(str(value or "").strip())

@@ -393,6 +393,9 @@ def test_token_identity_is_recorded_then_checked(tmp_path: Path) -> None:
     assert other is not None and "expected serial '1111'" in str(other) and "found serial '2222'" in str(other)
     assert token_mismatch(member, {"label": "t"}, ()) is None  # a module that names no serial cannot be checked
     assert token_mismatch(member, {**ours, "serial": "  "}, ()) is None  # nor a blank one
+    assert token_mismatch(member, {**ours, "label": ""}, ()) is None  # a field read blank is no evidence
+    relabelled = token_mismatch(member, {**ours, "label": "other"}, ())
+    assert relabelled is not None and "label 't', now 'other'" in str(relabelled)
     fresh = Member("hsm-b", config, 1)
     pinned = token_mismatch(fresh, ours, ("9999",))
     assert pinned is not None and "not one of group.serials ['9999']" in str(pinned) and fresh.identity is None
