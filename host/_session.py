@@ -72,12 +72,19 @@ class Session:
         return self.session
 
     def _find_slot(self, token_label: str) -> Any:
-        seen = []
-        for slot in self.lib.getSlotList(tokenPresent=True):
-            label = self.lib.getTokenInfo(slot).label.rstrip(" \x00")
-            if label == token_label:
-                return slot
-            seen.append(label)
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            seen = []
+            for slot in self.lib.getSlotList(tokenPresent=True):
+                label = self.lib.getTokenInfo(slot).label.rstrip(" \x00")
+                if label == token_label:
+                    return slot
+                seen.append(label)
+            if "" not in seen:
+                break
+            # SoftHSM2 (also behind p11-kit) answered once without our token, "labels seen: ['']"
+            # (its free slot, or our token read blank), while 6 processes logged in at once: a
+            # listing with a blank label is looked at again (~0.3 s in all) before the answer.
+            time.sleep(jitter(0.01, 0.05) * attempt)
         # No token at all is how a lost group looks; other tokens but not ours is a module
         # that answers without our token (a member of another group, a wrong label).
         raise Refusal(
