@@ -12,10 +12,25 @@ from distributed import Client, LocalCluster
 
 from p11guard.cli._paths import UsageError
 
-__all__ = ["MAX_LOCAL_WORKERS", "open_client"]
+__all__ = ["MAX_LOCAL_WORKERS", "local_cluster", "open_client"]
 
 MAX_LOCAL_WORKERS = 64
 _LOCAL = re.compile(r"local:([0-9]{1,4})")
+
+
+def local_cluster(workers: int) -> LocalCluster:
+    """A cluster of ``workers`` processes on this machine, each under a Nanny that restarts
+    it if it dies; they exit when this process does (Dask closes their pipe), and their
+    hosts with them."""
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=2,
+        processes=True,
+        host="127.0.0.1",
+        scheduler_port=0,
+        dashboard_address="127.0.0.1:0",  # never 8787: another cluster may have it
+        silence_logs=logging.CRITICAL,
+    )
 
 
 @contextmanager
@@ -33,17 +48,7 @@ def open_client(scheduler: str | Client, connect_s: float = 10.0) -> Iterator[Cl
         count = int(match.group(1))
         if not 1 <= count <= MAX_LOCAL_WORKERS:
             raise UsageError(f"--dask {scheduler}: between 1 and {MAX_LOCAL_WORKERS} local workers, not {count}")
-        # Worker processes, each under a Nanny that restarts it if it dies; they exit when
-        # this process does (Dask closes their pipe), and their hosts with them.
-        cluster = LocalCluster(
-            n_workers=count,
-            threads_per_worker=2,
-            processes=True,
-            host="127.0.0.1",
-            scheduler_port=0,
-            dashboard_address="127.0.0.1:0",  # never 8787: another cluster may have it
-            silence_logs=logging.CRITICAL,
-        )
+        cluster = local_cluster(count)
         try:
             with Client(cluster) as client:
                 yield client

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -11,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from conftest import gone, wait_until
 from p11guard.cli._signreport import SignReport
 from p11guard.cluster import PLUGIN_NAME, sign_on_cluster, worker_view
+from p11guard.cluster._connect import local_cluster
 
 
 class Cluster:
@@ -27,15 +27,7 @@ class Cluster:
 
     def __init__(self, workers: int = 2) -> None:
         self.size = workers
-        self.cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=2,
-            processes=True,
-            host="127.0.0.1",
-            scheduler_port=0,
-            dashboard_address="127.0.0.1:0",  # never 8787: another cluster may have it
-            silence_logs=logging.CRITICAL,
-        )
+        self.cluster = local_cluster(workers)
         self.client = Client(self.cluster)
         self.pids: set[int] = set()
         self.ready()

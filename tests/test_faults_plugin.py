@@ -22,7 +22,7 @@ def test_plugin_fixtures_from_a_project_outside(pytester: pytest.Pytester) -> No
     pytester.makepyfile(test_user=EXAMPLE.read_text())
     pytester.makepyfile(
         test_faults="""
-        import time
+        from p11guard.base import poll_until
 
         def _key(guard):
             if "plugin-key" not in {k["label"] for k in guard.list_keys()}:
@@ -33,10 +33,9 @@ def test_plugin_fixtures_from_a_project_outside(pytester: pytest.Pytester) -> No
             before = guard.host_pids()
             killed = hsm_faults.kill_host(worker=1)
             assert killed == [before["worker-1"]]
-            end = time.monotonic() + 10
-            while guard.host_pids().get("worker-1") in (None, killed[0]):  # replaced, unasked
-                assert time.monotonic() < end
-                time.sleep(0.02)
+            poll_until(  # replaced, unasked
+                lambda: guard.host_pids().get("worker-1") not in (None, killed[0]), 10, "worker-1 replaced"
+            )
             hsm_faults.fail_next(0xB3, count=1, ops=["sign"], worker=0)
             hsm_faults.hang_host(0.2, worker=1)
             sigs = guard.sign_many("plugin-key", [b"%d" % i for i in range(50)])

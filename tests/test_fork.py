@@ -7,8 +7,8 @@ import atexit
 import gc
 import json
 import os
+import select
 import signal
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,16 +45,16 @@ def in_child(body: Callable[[], dict[str, Any]], timeout: float = 60.0) -> dict[
         os.write(write, json.dumps(out).encode())
         os._exit(code)
     os.close(write)
-    end = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > end:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail(f"the forked child hung for {timeout:g} s")
-        time.sleep(0.02)
+    pidfd = os.pidfd_open(pid)
+    try:  # readable when the child exits: wait on it, with the deadline
+        exited = select.select([pidfd], [], [], timeout)[0]
+    finally:
+        os.close(pidfd)
+    if not exited:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail(f"the forked child hung for {timeout:g} s")
+    _, status = os.waitpid(pid, 0)
     with os.fdopen(read, "rb") as fh:
         result: dict[str, Any] = json.loads(fh.read() or b"{}")
     assert "crash" not in result, result["crash"]
