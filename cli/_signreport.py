@@ -52,6 +52,8 @@ class SignReport:
     #: Where every failed and changed record goes as well (for ``--report``), if set.
     spool: Path | None = field(default=None, repr=False, compare=False)
     _files: dict[str, IO[str]] = field(default_factory=dict, repr=False, compare=False)
+    #: Entries noted by :meth:`fail` and :meth:`change` (the lists keep the first ones).
+    _noted: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def fail(self, record_id: str, reason: str) -> None:
         """A record that was not signed, and why."""
@@ -64,6 +66,7 @@ class SignReport:
         self._note("changes", self.changes, {"id": record_id, "line": line})
 
     def _note(self, name: str, shown: list[Any], item: dict[str, Any]) -> None:
+        self._noted[name] = self._noted.get(name, 0) + 1
         if len(shown) < SHOWN:
             shown.append(item)
         if self.spool is not None:
@@ -104,13 +107,18 @@ class SignReport:
             )
         for failure in self.failures[:SHOWN]:
             lines.append(f"  failed {failure['id']}: {failure['reason']}")
-        if self.failed > SHOWN and len(self.failures) >= SHOWN:  # (--dask lists partitions, counts records)
-            lines.append(f"  ... and {self.failed - SHOWN} more (all listed in --report)")
+        if self._entries("failures") > SHOWN:
+            lines.append(f"  ... and {self._entries('failures') - SHOWN} more (all listed in --report)")
         for change in self.changes[:SHOWN]:
             lines.append(f"  changed {change['id']}: differs from what line {change['line']} of --out signed")
-        if self.changed > SHOWN:
-            lines.append(f"  ... and {self.changed - SHOWN} more changed (all listed in --report)")
+        if self._entries("changes") > SHOWN:
+            lines.append(f"  ... and {self._entries('changes') - SHOWN} more changed (all listed in --report)")
         return "\n".join(lines)
+
+    def _entries(self, name: str) -> int:
+        """How many entries of ``name`` there are: noted one by one, or (``--dask``, whose
+        driver lists a partition's failures whole) the list itself."""
+        return self._noted.get(name) or len(getattr(self, name))
 
     def changed_line(self) -> str:
         """One line for stderr naming the first changed records and what to do."""
@@ -126,7 +134,7 @@ class SignReport:
         (beside it, then renamed)."""
         for fh in self._files.values():
             fh.close()
-        skip = ("failures", "changes", "spool", "_files")
+        skip = ("failures", "changes", "spool", "_files", "_noted")
         head = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         tmp = path.with_name(path.name + ".tmp")
         try:
