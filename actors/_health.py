@@ -200,6 +200,7 @@ class HealthActor(pykka.ThreadingActor):
                 info=info,
                 member=self.member,
                 started=start,
+                host_loaded_at=self.host.loaded_at if self.host is not None else 0.0,
             )
         )
 

@@ -92,6 +92,8 @@ class WorkerReady:
     token: dict[str, Any] = field(default_factory=dict)
     #: The mechanisms its session negotiated with the token (name -> choice).
     mechanisms: dict[str, Any] = field(default_factory=dict)
+    #: When its host loaded the module (:attr:`HostProcess.loaded_at`).
+    host_loaded_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,8 @@ class ProbeResult:
     host: HostProcess | None = None
     #: When the probe began (``time.monotonic()``): a verdict covers the signals before it.
     started: float = 0.0
+    #: When the probe's host loaded the module: an OK covers connections no older than it.
+    host_loaded_at: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ class CryptoWorker(pykka.ThreadingActor):
             self.host = given
             given.name = self.key
             self.registry.add(self.key, given)
-            self.supervisor.tell(WorkerReady(self.wid, self.generation, given.pid or 0, 1))
+            ready = WorkerReady(self.wid, self.generation, given.pid or 0, 1, host_loaded_at=given.loaded_at)
+            self.supervisor.tell(ready)
             return
         if given is not None:
             given.kill()
@@ -105,7 +106,8 @@ class CryptoWorker(pykka.ThreadingActor):
         token: dict[str, Any] = info["token"] if isinstance(info.get("token"), dict) else {}
         mechanisms: dict[str, Any] = info["mechanisms"] if isinstance(info.get("mechanisms"), dict) else {}
         pid, opened = self.host.pid or 0, int(info["sessions_opened"])
-        self.supervisor.tell(WorkerReady(self.wid, self.generation, pid, opened, token, mechanisms))
+        loaded_at = self.host.loaded_at
+        self.supervisor.tell(WorkerReady(self.wid, self.generation, pid, opened, token, mechanisms, loaded_at))
 
     def _drop_host(self) -> None:
         if self.host is not None:

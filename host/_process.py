@@ -91,6 +91,9 @@ class HostProcess:
         #: pin version): whoever runs a job on this host (its worker, or a caller's thread)
         #: checks each key once per session.
         self.checked_keys: dict[str, int] = {}
+        #: When this host began to load the module (``time.monotonic()``): its connection to
+        #: the device is no older. A probe's success says nothing about older connections.
+        self.loaded_at = 0.0
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else f"exited({self.exitcode})"
@@ -190,6 +193,7 @@ class HostProcess:
             "fault_injection": self.fault_injection,
             "max_frame": self.max_frame,
         }
+        self.loaded_at = time.monotonic()
         try:
             self.call("hello", hello, timeout_s)
         except RemoteError:

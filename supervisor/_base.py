@@ -265,11 +265,11 @@ class SupervisorBase(pykka.ThreadingActor):
         if not self._settled_at_signal(job, error):
             self._retry(job, error)
 
-    def _hold(self, member: Member, job: Job, error: BaseException, outcome: Any) -> None:
+    def _hold(self, member: Member, held: Held, error: BaseException) -> None:
         """A job that met a loss signal on a member in service waits for the verdict."""
-        if not self._settled_at_signal(job, error):
-            job.last_error = short(error)
-            member.held.append(Held(job, outcome))
+        if not self._settled_at_signal(held.job, error):
+            held.job.last_error = short(error)
+            member.held.append(held)
 
     def _requeue_held(self, member: Member) -> None:
         """The verdict is a loss: every held job is retried on what serves next."""
@@ -277,15 +277,20 @@ class SupervisorBase(pykka.ThreadingActor):
         for h in reversed(held):  # retry() puts each at the front: keep their order
             self._lost_in_flight(h.job, h.outcome if isinstance(h.outcome, BaseException) else HostError("loss"))
 
-    def _release_held(self, member: Member, probe_started: float) -> None:
+    def _release_held(self, member: Member, probe_started: float, probe_loaded_at: float = 0.0) -> None:
         """The verdict is "the member is fine": a held job's error was its own. Retried
-        once (on another worker: its own is renewed), then the error is its answer."""
+        once (on another worker: its own is renewed), then the error is its answer.
+
+        An OK from a probe host younger than the job's host clears nothing: a TPM restarted
+        between the two answers new connections and CKR_GENERAL_ERROR on old ones. Such a
+        job is retried without counting it, until it fails on a host the probe vouches for.
+        """
         keep: list[Held] = []
         for h in member.held:
             if h.at > probe_started:
                 keep.append(h)  # met its signal after this probe began: wait for the next
                 continue
-            if _ownable(h.outcome):
+            if _ownable(h.outcome) and h.host_loaded_at >= probe_loaded_at:
                 h.job.cleared += 1
             if h.job.cleared >= 2:
                 if isinstance(h.outcome, BaseException):

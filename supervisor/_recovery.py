@@ -56,6 +56,7 @@ class RecoveryDecisions(SupervisorBase):
         if msg.mechanisms:
             member.mechanisms = msg.mechanisms
         slot.status, slot.pid, slot.sessions_opened = SlotState.IDLE, msg.pid, msg.sessions_opened
+        slot.host_loaded_at = msg.host_loaded_at
         self.idle.append(msg.wid)
         member.served = True
         if member.state in (MemberState.STARTING, MemberState.RECOVERING):
@@ -255,7 +256,7 @@ class RecoveryDecisions(SupervisorBase):
         elif res.ok:
             # The member answers: the signals before this probe were the workers' or the
             # jobs' own (the probe retried once before a failure became its verdict).
-            self._release_held(member, res.started)
+            self._release_held(member, res.started, res.host_loaded_at)
             if member.state == MemberState.SUSPECT:
                 member.state = MemberState.SERVING
                 self._refresh(f"probe of {member.name} OK: false alarm")

@@ -127,6 +127,8 @@ class WorkerSlot:
     sessions_opened: int = 0
     restarts: int = 0
     fail_streak: int = 0
+    #: When its host loaded the module (:attr:`HostProcess.loaded_at`).
+    host_loaded_at: float = 0.0
 
 
 @dataclass
@@ -176,6 +178,9 @@ class Held:
     job: Job
     outcome: Any
     at: float = field(default_factory=time.monotonic)
+    #: When the host that answered it loaded the module: a probe whose own host is younger
+    #: says nothing about it (a device restarted between the two breaks only the older one).
+    host_loaded_at: float = 0.0
 
 
 class Member:

@@ -65,6 +65,7 @@ from p11guard.supervisor._recovery import RecoveryDecisions
 from p11guard.supervisor._states import (
     DISPATCHING,
     FINAL,
+    Held,
     InFlight,
     MemberState,
     SlotState,
@@ -291,7 +292,7 @@ class Supervisor(RecoveryDecisions):
             # Evidence, not a verdict: the job waits for the probe of this worker's member.
             assert slot is not None
             outcome = msg.result if msg.result is not None else msg.error
-            self._hold(self.members[slot.member], msg.job, msg.error, outcome)
+            self._hold(self.members[slot.member], Held(msg.job, outcome, host_loaded_at=slot.host_loaded_at), msg.error)
             if slot.status != SlotState.SUSPECT:  # once per frame
                 self._suspect(slot, msg.error)
         else:

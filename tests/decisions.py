@@ -149,6 +149,7 @@ class Rig:
                 member=member,
                 cause=kw.pop("cause", None),
                 started=time.monotonic(),
+                host_loaded_at=kw.pop("host_loaded_at", 0.0),
             )
         )
 

@@ -273,6 +273,35 @@ def test_an_error_that_is_the_requests_own_is_retried_once_then_reported(rig: Ri
     assert job.attempts == 2 and rig.sup.generation == 0 and rig.sup.counters.recoveries == 0
 
 
+def test_an_ok_from_a_probe_host_younger_than_the_jobs_host_clears_nothing(rig: Rig) -> None:
+    """A TPM restarted between the workers' start and the probe host's: the probe's new
+    connection answers, the workers' old ones answer CKR_GENERAL_ERROR. That is not the
+    request's own error: retried until it fails on hosts the probe vouches for."""
+    rig.serve()  # the rig's workers loaded the module at 0.0
+    job = rig.job()
+    w = _run_one(rig, job)
+    rig.send(JobDone(w.wid, 0, job, error=internal()))
+    probe_loaded = time.monotonic()
+    rig.probe(fresh=False, host_loaded_at=probe_loaded)
+    other = next(x for x in rig.current() if x is not w)
+    assert job.cleared == 0 and [m.job for m in other.ref.of(RunJob)] == [job]
+    rig.send(JobDone(other.wid, 0, job, error=internal()))
+    rig.probe(fresh=False, host_loaded_at=probe_loaded)
+    assert job.cleared == 0 and not job.future.done()  # both hosts older than the probe's: retried
+    for x in (w, other):  # renewed (a new host each): loaded after the probe host
+        rig.send(WorkerReady(x.wid, 0, 2000 + x.wid, 2, host_loaded_at=time.monotonic()))
+    for cleared in (1, 2):
+        x = next(x for x in rig.current() if job.seq in rig.sup.slots[x.wid].jobs)
+        rig.send(JobDone(x.wid, 0, job, error=internal()))
+        rig.probe(fresh=False, host_loaded_at=probe_loaded)
+        assert job.cleared == cleared
+        if cleared == 1:
+            rig.send(WorkerReady(x.wid, 0, 3000 + x.wid, 3, host_loaded_at=time.monotonic()))
+    with pytest.raises(InternalError, match="CKR_GENERAL_ERROR"):
+        job.future.result(0)
+    assert rig.sup.generation == 0 and rig.sup.counters.recoveries == 0
+
+
 def test_a_general_error_then_a_failed_probe_is_a_group_loss_and_the_job_waits(rig: Rig) -> None:
     rig.serve()
     job = rig.job()
