@@ -19,33 +19,110 @@ import contextlib
 import json
 import os
 import signal
-import time
+from collections import deque
 from typing import Any
 
 __all__ = ["FaultProxy", "main"]
 
-_CHUNK = 256 * 1024
+#: Bytes buffered toward one side before reading from the other pauses.
+_HIGH_WATER = 1 << 20
+#: Chunks due this soon after the one whose timer fired go with it: the pieces of one
+#: message, written microseconds apart, travel together (a timer of their own would wait
+#: a whole millisecond more: the event loop's epoll rounds timeouts up to milliseconds).
+_TOGETHER_S = 0.0002
+
+
+class _Flow:
+    """Bytes one way: each chunk held until it is due (latency) and while the group hangs,
+    in order; the chunks due at once leave in one write."""
+
+    __slots__ = ("dst", "eof", "pending", "timer")
+
+    def __init__(self) -> None:
+        self.pending: deque[tuple[float, bytes]] = deque()
+        self.dst: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.eof = False  # the source has closed: close the link once pending is delivered
 
 
 class _Link:
     """One client connection and its upstream connection."""
 
-    def __init__(self, client: asyncio.StreamWriter) -> None:
+    def __init__(self, client: asyncio.Transport) -> None:
         self.client = client
-        self.upstream: asyncio.StreamWriter | None = None
-        self.tasks: list[asyncio.Task[None]] = []
+        self.upstream: asyncio.Transport | None = None
+        self.to_upstream = _Flow()
+        self.to_client = _Flow()
+        self.to_client.dst = client
+        self.connecting: asyncio.Task[None] | None = None
+        self.closed = False
 
-    def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for writer in (self.client, self.upstream):
-            if writer is not None:
+    def close(self, abort: bool = True) -> None:
+        """Close both ends: at once (``lose``), or after what is buffered (an end closed)."""
+        if self.closed:
+            return
+        self.closed = True
+        for flow in (self.to_upstream, self.to_client):
+            if flow.timer is not None:
+                flow.timer.cancel()
+        if self.connecting is not None:
+            self.connecting.cancel()
+        for transport in (self.client, self.upstream):
+            if transport is not None:
                 with contextlib.suppress(Exception):
-                    writer.transport.abort()
+                    transport.abort() if abort else transport.close()
+
+
+class _End(asyncio.Protocol):
+    """One end of a link: what it receives goes into ``out``, toward the other end."""
+
+    def __init__(self, proxy: FaultProxy, link: _Link | None, out: _Flow | None) -> None:
+        self.proxy = proxy
+        self.link = link
+        self.out = out
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.link is None:  # a client: the proxy's listening side
+            assert isinstance(transport, asyncio.Transport)
+            self.link, self.out = self.proxy.accept(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.link is not None and self.out is not None:
+            self.proxy.forward(self.link, self.out, data)
+
+    def eof_received(self) -> bool:
+        self._ended()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended()
+
+    def _ended(self) -> None:
+        if self.link is not None and self.out is not None and not self.out.eof:
+            self.out.eof = True
+            self.proxy.flush(self.link, self.out)
+
+    def _source(self) -> asyncio.Transport | None:
+        """The transport whose bytes this end writes (the other end)."""
+        if self.link is None:
+            return None
+        return self.link.client if self.out is self.link.to_client else self.link.upstream
+
+    def pause_writing(self) -> None:
+        if (src := self._source()) is not None:
+            src.pause_reading()
+
+    def resume_writing(self) -> None:
+        if (src := self._source()) is not None and not self.link.closed:  # type: ignore[union-attr]
+            src.resume_reading()
 
 
 class FaultProxy:
-    """Forwards bytes between clients and the p11-kit server, and injects faults."""
+    """Forwards bytes between clients and the p11-kit server, and injects faults.
+
+    Plain protocols and timers, no task per chunk: the proxy stands in for a network,
+    which costs a client nothing but time, so it should cost the machine little CPU.
+    """
 
     def __init__(self, listen: str, upstream: str, control: str) -> None:
         self.listen_path = listen
@@ -63,10 +140,10 @@ class FaultProxy:
         for path in (self.listen_path, self.control_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        server = await asyncio.start_unix_server(self._on_client, self.listen_path)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: _End(self, None, None), self.listen_path)
         control = await asyncio.start_unix_server(self._on_control, self.control_path)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with server, control:
@@ -79,55 +156,66 @@ class FaultProxy:
 
     # -- data path ----------------------------------------------------------------------
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def accept(self, client: asyncio.Transport) -> tuple[_Link, _Flow]:
+        link = _Link(client)
         if self.mode == "lost":
             self.refused += 1
-            writer.transport.abort()
-            return
-        self.accepted += 1
-        link = _Link(writer)
-        self.links.add(link)
-        try:
-            await self.forwarding.wait()  # a connection made during a hang is never answered
-            if self.mode == "lost":
-                return
-            try:
-                up_reader, up_writer = await asyncio.open_unix_connection(self.upstream_path)
-            except OSError:
-                return  # server down: the client sees the connection close
-            link.upstream = up_writer
-            link.tasks = [
-                asyncio.ensure_future(self._pump(reader, up_writer)),
-                asyncio.ensure_future(self._pump(up_reader, writer)),
-            ]
-            await asyncio.wait(link.tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
             link.close()
-            self.links.discard(link)
+            return link, link.to_upstream
+        self.accepted += 1
+        self.links.add(link)
+        link.connecting = asyncio.ensure_future(self._connect(link))
+        return link, link.to_upstream
 
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-        writer = asyncio.ensure_future(self._deliver(queue, dst))
+    async def _connect(self, link: _Link) -> None:
+        await self.forwarding.wait()  # a connection made during a hang is never answered
+        if self.mode == "lost" or link.closed:
+            self._drop(link)
+            return
+
+        def upstream_end() -> _End:
+            return _End(self, link, link.to_client)
+
         try:
-            while True:
-                data = await src.read(_CHUNK)
-                if not data:
-                    break
-                queue.put_nowait((time.monotonic() + self.latency_s, data))
-            await queue.join()
-        finally:
-            writer.cancel()
+            upstream, _ = await asyncio.get_running_loop().create_unix_connection(upstream_end, self.upstream_path)
+        except OSError:
+            self._drop(link)  # server down: the client sees the connection close
+            return
+        link.connecting = None
+        if link.closed:
+            upstream.abort()
+            return
+        link.upstream = link.to_upstream.dst = upstream
+        for transport in (upstream, link.client):
+            transport.set_write_buffer_limits(_HIGH_WATER)
+        self.flush(link, link.to_upstream)  # what the client sent meanwhile
 
-    async def _deliver(self, queue: asyncio.Queue[tuple[float, bytes]], dst: asyncio.StreamWriter) -> None:
-        while True:
-            due, data = await queue.get()
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await self.forwarding.wait()  # hang: hold every byte
-            dst.write(data)
-            await dst.drain()
-            queue.task_done()
+    def _drop(self, link: _Link, abort: bool = True) -> None:
+        link.connecting = None
+        link.close(abort)
+        self.links.discard(link)
+
+    def forward(self, link: _Link, flow: _Flow, data: bytes) -> None:
+        flow.pending.append((asyncio.get_running_loop().time() + self.latency_s, data))
+        if flow.timer is None:
+            self.flush(link, flow)
+
+    def flush(self, link: _Link, flow: _Flow) -> None:
+        """Write what is due; wake again for the next chunk; close after the last one."""
+        flow.timer = None
+        if link.closed or flow.dst is None or not self.forwarding.is_set():
+            return  # held: the connection, or ``restore``, flushes again
+        loop = asyncio.get_running_loop()
+        now = loop.time() + _TOGETHER_S
+        due: list[bytes] = []
+        while flow.pending and flow.pending[0][0] <= now:
+            due.append(flow.pending.popleft()[1])
+        if due:
+            flow.dst.write(due[0] if len(due) == 1 else b"".join(due))
+        if flow.pending:
+            flow.timer = loop.call_at(flow.pending[0][0], self.flush, link, flow)
+        elif flow.eof:
+            self._drop(link, abort=False)
 
     # -- control ------------------------------------------------------------------------
 
@@ -136,11 +224,15 @@ class FaultProxy:
         if cmd == "lose":
             self.mode = "lost"
             for link in list(self.links):
-                link.close()
+                self._drop(link)
             self.forwarding.set()  # wake held connections so they see "lost" and close
         elif cmd == "restore":
             self.mode = "normal"
             self.forwarding.set()
+            for link in list(self.links):  # what the hang held, in order
+                for flow in (link.to_upstream, link.to_client):
+                    if flow.timer is None:
+                        self.flush(link, flow)
         elif cmd == "hang":
             self.mode = "hung"
             self.forwarding.clear()
