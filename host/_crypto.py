@@ -9,6 +9,7 @@ import PyKCS11
 
 from p11guard.host._args import BadRequest, Refusal, arg
 from p11guard.host._der import DerError, digest_info, ecdsa_der_to_raw, ecdsa_raw_to_der
+from p11guard.host._fastcall import vector_bytes
 from p11guard.host._keys import KeyInfo, Keys
 from p11guard.host._mechs import HASH_CKM, MGF, Plan
 from p11guard.host._session import Session
@@ -130,7 +131,7 @@ class Crypto:
             rv = low.C_Sign(h, PyKCS11.ckbytelist(payload), signature)
             if rv != PyKCS11.CKR_OK:
                 raise PyKCS11.PyKCS11Error(rv)
-            raw = bytes(signature)
+            raw = vector_bytes(signature)
         return ecdsa_raw_to_der(raw) if plan.name.startswith("ecdsa-") else raw
 
     def _run(self, name: str, key: KeyInfo, digest: bool, run: Callable[[Plan], T], learn: bool = True) -> T:

@@ -5,15 +5,19 @@ PyKCS11 returns signatures as a SWIG byte vector that costs ~1 us per byte to tu
 hot path, so the host calls those two functions through ctypes on the same, already
 initialised module instance (``dlopen`` of the same path returns the same handle), with
 the buffer sized from the key: two module calls, one copy. Mechanisms with parameters
-(RSA-PSS) keep using PyKCS11.
+(RSA-PSS), and modules that hand out a fresh instance per ``C_GetFunctionList``
+(p11-kit-client), keep using PyKCS11 -- with the vector read at once (:func:`vector_bytes`).
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FastSigner"]
+import PyKCS11
+
+__all__ = ["FastSigner", "handle_value", "vector_bytes"]
 
 # CK_FUNCTION_LIST, in the order of the PKCS#11 v2.x header, up to C_Sign.
 _NAMES = [
@@ -135,6 +139,31 @@ class FastSigner:
         length = ctypes.c_ulong(size)
         rv = int(self._sign(session, data, len(data), out, ctypes.byref(length)))
         return rv, out.raw[: length.value] if not rv else b""
+
+
+_POINTERS = ctypes.c_void_p * 2
+
+
+def _read_vector(vector: Any) -> bytes:
+    # A SWIG object's ``this`` is the address of its C++ object; a std::vector begins
+    # with its ``begin`` and ``end`` pointers in every C++ standard library we know of.
+    begin, end = _POINTERS.from_address(int(vector.this))
+    return ctypes.string_at(begin, end - begin) if begin and end else b""
+
+
+def _vector_reader() -> Callable[[Any], bytes]:
+    """Read a PyKCS11 byte vector's memory at once, if a known value reads back right;
+    else ``bytes()``, which converts it item by item (~0.7 us a byte: 45 us a signature)."""
+    try:
+        if all(_read_vector(PyKCS11.ckbytelist(v)) == v for v in (bytes(range(7)), b"\xff" * 300, b"")):
+            return _read_vector
+    except (AttributeError, TypeError, ValueError, OSError):
+        pass
+    return bytes
+
+
+#: ``bytes`` of a PyKCS11 ``ckbytelist`` (a module's output buffer).
+vector_bytes = _vector_reader()
 
 
 def handle_value(handle: Any) -> int:
