@@ -7,7 +7,7 @@ world: actors, hosts, timers), :mod:`._base` (the books and their primitives),
 the top of :mod:`._supervisor`), :mod:`._status` (the snapshot).
 """
 
-from p11guard.supervisor._admission import AdmissionQueue, refusal
+from p11guard.supervisor._admission import AdmissionQueue, frame_share, refusal
 from p11guard.supervisor._base import JobObserver
 from p11guard.supervisor._effects import Effects
 from p11guard.supervisor._messages import (
@@ -44,5 +44,6 @@ __all__ = [
     "Submit",
     "Supervisor",
     "SupervisorTick",
+    "frame_share",
     "refusal",
 ]

@@ -47,7 +47,7 @@ from p11guard.actors import (
     WorkerStopped,
 )
 from p11guard.base import GuardClosed, GuardFailed, HostCrashed, HostError
-from p11guard.supervisor._admission import refusal
+from p11guard.supervisor._admission import frame_share, refusal
 from p11guard.supervisor._base import is_signal
 from p11guard.supervisor._messages import (
     AddCallback,
@@ -249,24 +249,18 @@ class Supervisor(RecoveryDecisions):
             self.queue.retry(job)
 
     def _coalesce(self, first: Job, now: float) -> list[Job]:
-        """More single operations for the same frame, while more wait than workers are
-        free: never waits for any (a lone caller's op goes at once, alone)."""
-        if first.items is not None or not first.idempotent:
+        """More single operations for the same frame, while more wait than workers are free
+        (never waiting for any: a lone caller's op goes at once, alone), up to the worker's
+        share of the work (:func:`frame_share`)."""
+        if first.items is not None or not first.idempotent or len(self.queue) <= len(self.idle):
             return []
-        more: list[Job] = []
-        while (
-            self.queue
-            and len(self.queue) > len(self.idle)
-            and len(more) + 1 < self.config.batch_size
-            and self.queue.peek().items is None
-            and self.queue.peek().idempotent
-        ):
-            job = self.queue.pop()
+        serving = sum(1 for s in self.slots.values() if s.status in (SlotState.IDLE, SlotState.BUSY))
+        share = frame_share(len(self.queue) + 1 + len(self.inflight), serving, self.config.batch_size)
+        more = self.queue.coalescable(share - 1, len(self.idle))
+        for job in more:
             if now >= job.deadline:
                 self._expire(job)
-            else:
-                more.append(job)
-        return more
+        return [job for job in more if now < job.deadline]
 
     def _on_job_done(self, msg: JobDone) -> None:
         entry = self.inflight.pop(msg.job.seq, None)

@@ -38,6 +38,7 @@ from p11guard.supervisor import (
     State,
     StatusRequest,
     SupervisorTick,
+    frame_share,
     refusal,
 )
 
@@ -451,15 +452,18 @@ def test_waiting_single_ops_share_a_frame_each_with_its_own_answer(rig: Rig) -> 
     for job in [*waiting, generate]:
         rig.sup._on_submit(job)
     assert len(rig.sup.queue) == 7
-    w = next(w for w in rig.effects.workers if any(m.job is first for m in w.ref.of(RunJob)))
+    w, other = (next(x for x in rig.current() if any(m.job is j for m in x.ref.of(RunJob))) for j in (first, second))
     rig.send(JobDone(w.wid, 0, first, result=b"1"))
     frame = w.ref.of(RunJob)[-1]
-    assert [frame.job, *frame.more] == waiting  # the token-changing op is never coalesced
+    assert [frame.job, *frame.more] == waiting[:4]  # its share: 8 ops of work on 2 workers
+    rig.send(JobDone(other.wid, 0, second, result=b"2"))
+    frame = other.ref.of(RunJob)[-1]
+    assert [frame.job, *frame.more] == waiting[4:]  # the token-changing op is never coalesced
     outcomes = [b"ok"] * 6
     rig.send(JobDone(w.wid, 0, waiting[0], result=b"ok"))
     rig.send(JobDone(w.wid, 0, waiting[1], error=UserError("no key", kind="user", name="key_not_found")))
     for job in waiting[2:]:
-        rig.send(JobDone(w.wid, 0, job, result=b"ok"))
+        rig.send(JobDone((w if job in waiting[:4] else other).wid, 0, job, result=b"ok"))
     with pytest.raises(UserError):
         waiting[1].future.result(0)
     assert [j.future.result(0) for j in waiting if j is not waiting[1]] == outcomes[:5]
@@ -476,8 +480,10 @@ def test_a_loss_in_the_middle_of_a_frame_retries_idempotent_ops_exactly_once(rig
         rig.sup._on_submit(job)
     w = next(w for w in rig.effects.workers if any(m.job is first for m in w.ref.of(RunJob)))
     rig.send(JobDone(w.wid, 0, first, result=b"1"))
+    frame = w.ref.of(RunJob)[-1]
+    assert len(frame.more) == 2  # its share: 5 ops of work on 2 workers
     crash = HostCrashed("host killed by SIGKILL during batch")
-    for job in waiting:  # the frame's host died: every op of it meets the same signal
+    for job in (frame.job, *frame.more):  # the frame's host died: every op of it meets the same signal
         rig.send(JobDone(w.wid, 0, job, error=crash))
     assert len(rig.effects.health["default"].of(Report)) == 1  # one suspicion per frame
     rig.probe(ok=False, error=loss("probe"), fresh=False)  # the group is lost
@@ -488,6 +494,26 @@ def test_a_loss_in_the_middle_of_a_frame_retries_idempotent_ops_exactly_once(rig
     again = [j for m in runs for j in (m.job, *m.more)]
     assert sorted(j.seq for j in again if j in waiting) == sorted(j.seq for j in waiting)  # each once
     assert not any(j.future.done() for j in waiting)
+
+
+def test_a_frame_takes_its_workers_share_and_leaves_the_rest_to_the_others(tmp_path: Path) -> None:
+    """256 in flight on 16 workers of a latency-bound HSM: frames of 64 kept 4 hosts busy."""
+    rig = Rig(make_config(tmp_path, workers=4))
+    rig.serve()
+    busy = [rig.job() for _ in range(4)]
+    for job in busy:
+        rig.sup._on_submit(job)  # one each, at once
+    waiting = [rig.job() for _ in range(16)]
+    for job in waiting:
+        rig.sup._on_submit(job)
+    freed = [next(x for x in rig.current() if any(m.job is j for m in x.ref.of(RunJob))) for j in busy]
+    sizes = []
+    for x, job in zip(freed, busy, strict=True):
+        rig.send(JobDone(x.wid, 0, job, result=b"ok"))
+        frame = x.ref.of(RunJob)[-1]
+        sizes.append(1 + len(frame.more))
+    assert sizes == [5, 5, 5, 1] and not rig.sup.queue  # 20 ops of work on 4 workers: 5 each, not 16 on one
+    assert frame_share(256, 16, 64) == 16 and frame_share(256, 2, 64) == 64 and frame_share(0, 0, 64) == 1
 
 
 def test_the_books_keep_the_last_outages_and_count_them_all(rig: Rig) -> None:
