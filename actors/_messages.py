@@ -175,6 +175,7 @@ class ProbeResult:
     #: When the probe began (``time.monotonic()``): a verdict covers the signals before it.
     started: float = 0.0
     #: When the probe's host loaded the module: an OK covers connections no older than it.
+    #: Every non-fresh probe sets it (``HealthActor._probe``); 0.0 would vouch for all.
     host_loaded_at: float = 0.0
 
 

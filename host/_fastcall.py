@@ -142,13 +142,18 @@ class FastSigner:
 
 
 _POINTERS = ctypes.c_void_p * 2
+_MAX_VECTOR = 1 << 30  # a layout read wrong gives a wild length: never read that far
 
 
 def _read_vector(vector: Any) -> bytes:
     # A SWIG object's ``this`` is the address of its C++ object; a std::vector begins
     # with its ``begin`` and ``end`` pointers in every C++ standard library we know of.
     begin, end = _POINTERS.from_address(int(vector.this))
-    return ctypes.string_at(begin, end - begin) if begin and end else b""
+    if not begin or not end:
+        return b""
+    if not 0 <= end - begin <= _MAX_VECTOR:
+        raise ValueError(f"not a std::vector layout: {end - begin} bytes")
+    return ctypes.string_at(begin, end - begin)
 
 
 def _vector_reader() -> Callable[[Any], bytes]:
@@ -157,7 +162,7 @@ def _vector_reader() -> Callable[[Any], bytes]:
     try:
         if all(_read_vector(PyKCS11.ckbytelist(v)) == v for v in (bytes(range(7)), b"\xff" * 300, b"")):
             return _read_vector
-    except (AttributeError, TypeError, ValueError, OSError):
+    except Exception:  # any surprise means: not this layout, use bytes()
         pass
     return bytes
 

@@ -80,14 +80,20 @@ def short(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _ownable(outcome: Any) -> bool:
+def _ownable(outcome: Any, vouched: bool = True) -> bool:
     """Can this error be the request's own, whatever the group does? A module error of kind
     ``internal`` or ``session`` can (a module bug on one input, a handle that one key leaves
     invalid); a loss code or a failed host never is -- such a job is retried until its
     deadline, however often the probe says the group is fine (a probe whose connection did
-    not live through a short outage answers, while the workers' stay broken until renewed)."""
+    not live through a short outage answers, while the workers' stay broken until renewed).
+
+    ``vouched``: the probe's host is no younger than the one that failed. If it is younger,
+    an ``internal`` error is not the request's: a TPM restarted between the two answers the
+    new connection and CKR_GENERAL_ERROR on the old one. (A ``session`` error still is: its
+    worker's renewal opens a new session, which is all such an error questions.)"""
     errors = [outcome] if isinstance(outcome, BaseException) else [o for o in outcome if isinstance(o, BaseException)]
-    return any(isinstance(e, RemoteError) and e.kind in ("internal", "session") for e in errors)
+    kinds = ("internal", "session") if vouched else ("session",)
+    return any(isinstance(e, RemoteError) and e.kind in kinds for e in errors)
 
 
 class SupervisorBase(pykka.ThreadingActor):
@@ -281,16 +287,16 @@ class SupervisorBase(pykka.ThreadingActor):
         """The verdict is "the member is fine": a held job's error was its own. Retried
         once (on another worker: its own is renewed), then the error is its answer.
 
-        An OK from a probe host younger than the job's host clears nothing: a TPM restarted
-        between the two answers new connections and CKR_GENERAL_ERROR on old ones. Such a
-        job is retried without counting it, until it fails on a host the probe vouches for.
+        An OK from a probe host younger than the job's host does not make an ``internal``
+        error the job's own (see :func:`_ownable`): the job is retried without counting it,
+        until it fails on a host the probe vouches for (its own worker gets a new host).
         """
         keep: list[Held] = []
         for h in member.held:
             if h.at > probe_started:
                 keep.append(h)  # met its signal after this probe began: wait for the next
                 continue
-            if _ownable(h.outcome) and h.host_loaded_at >= probe_loaded_at:
+            if _ownable(h.outcome, vouched=h.host_loaded_at >= probe_loaded_at):
                 h.job.cleared += 1
             if h.job.cleared >= 2:
                 if isinstance(h.outcome, BaseException):

@@ -36,13 +36,14 @@ class _Flow:
     """Bytes one way: each chunk held until it is due (latency) and while the group hangs,
     in order; the chunks due at once leave in one write."""
 
-    __slots__ = ("dst", "eof", "pending", "timer")
+    __slots__ = ("done", "dst", "eof", "pending", "timer")
 
     def __init__(self) -> None:
         self.pending: deque[tuple[float, bytes]] = deque()
         self.dst: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.eof = False  # the source has closed: close the link once pending is delivered
+        self.eof = False  # the source has ended: half-close ``dst`` once pending is delivered
+        self.done = False  # nothing more goes this way
 
 
 class _Link:
@@ -92,15 +93,19 @@ class _End(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._ended()
-        return False
+        return True  # a half-close: the other way may still answer; the link closes when both end
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.link is not None and self.out is not None:
+            into = self.link.to_client if self.out is self.link.to_upstream else self.link.to_upstream
+            into.done = True  # this end is gone: nothing can be written to it any more
         self._ended()
 
     def _ended(self) -> None:
         if self.link is not None and self.out is not None and not self.out.eof:
             self.out.eof = True
-            self.proxy.flush(self.link, self.out)
+            if self.out.timer is None:  # else the pending timer ends the flow after the last chunk
+                self.proxy.flush(self.link, self.out)
 
     def _source(self) -> asyncio.Transport | None:
         """The transport whose bytes this end writes (the other end)."""
@@ -133,6 +138,7 @@ class FaultProxy:
         self.links: set[_Link] = set()
         self.forwarding = asyncio.Event()
         self.forwarding.set()
+        self.listening = asyncio.Event()  # set once both sockets accept
         self.accepted = 0
         self.refused = 0
 
@@ -147,6 +153,7 @@ class FaultProxy:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with server, control:
+            self.listening.set()
             await stop.wait()
         for link in list(self.links):
             link.close()
@@ -214,7 +221,12 @@ class FaultProxy:
             flow.dst.write(due[0] if len(due) == 1 else b"".join(due))
         if flow.pending:
             flow.timer = loop.call_at(flow.pending[0][0], self.flush, link, flow)
-        elif flow.eof:
+        elif flow.eof and not flow.done:
+            flow.done = True
+            if flow.dst.can_write_eof():
+                with contextlib.suppress(OSError, RuntimeError):
+                    flow.dst.write_eof()
+        if link.to_upstream.done and link.to_client.done:
             self._drop(link, abort=False)
 
     # -- control ------------------------------------------------------------------------

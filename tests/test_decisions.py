@@ -28,7 +28,7 @@ from p11guard import (
     UserError,
 )
 from p11guard.actors import Job, JobDone, ProbeResult, Renew, Report, RunJob, StartProbe, WorkerFailed, WorkerReady
-from p11guard.base import poll_until
+from p11guard.base import RemoteError, poll_until
 from p11guard.supervisor import (
     AdmissionQueue,
     Close,
@@ -301,6 +301,24 @@ def test_an_ok_from_a_probe_host_younger_than_the_jobs_host_clears_nothing(rig: 
     with pytest.raises(InternalError, match="CKR_GENERAL_ERROR"):
         job.future.result(0)
     assert rig.sup.generation == 0 and rig.sup.counters.recoveries == 0
+
+
+def test_a_session_error_is_still_the_requests_own_under_a_younger_probe_host(rig: Rig) -> None:
+    """A session error questions the session, which the renewal replaces (the host stays):
+    the age of the probe's host does not matter, two failures answer the caller."""
+    rig.serve()
+    job = rig.job()
+    rig.sup._on_submit(job)
+    probe_loaded = time.monotonic()  # younger than every worker's host (0.0 in the rig)
+    for _ in range(2):
+        slot = next(s for s in rig.sup.slots.values() if job.seq in s.jobs)
+        error = RemoteError("handle gone", kind="session", ckr=0x82, name="CKR_OBJECT_HANDLE_INVALID", op="sign")
+        rig.send(JobDone(slot.wid, 0, job, error=error))
+        rig.probe(fresh=False, host_loaded_at=probe_loaded)
+        renew = rig.sup.slots[slot.wid].ref.of(Renew)[-1]  # type: ignore[union-attr]
+        assert renew.new_host is False  # a new session on the same, older host
+    with pytest.raises(RemoteError, match="CKR_OBJECT_HANDLE_INVALID"):
+        job.future.result(0)
 
 
 def test_a_general_error_then_a_failed_probe_is_a_group_loss_and_the_job_waits(rig: Rig) -> None:
