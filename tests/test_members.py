@@ -7,6 +7,7 @@ import json
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -240,7 +241,7 @@ def test_testbed_faults_name_their_member(ha: Testbed) -> None:
 
 
 def test_sign_cli_rides_through_a_member_loss(ha: Testbed, tmp_path: Path) -> None:
-    n = 3000
+    n = 10_000  # ~4 s: the loss must land while the job runs
     source, out, report = tmp_path / "records.txt", tmp_path / "sigs.jsonl", tmp_path / "r.json"
     source.write_text("".join(f"record number {i}\n" for i in range(1, n + 1)))
     pub = tmp_path / "pub.pem"
@@ -248,15 +249,28 @@ def test_sign_cli_rides_through_a_member_loss(ha: Testbed, tmp_path: Path) -> No
     cmd = [sys.executable, "-m", "p11guard", "sign", "--config", str(ha.config_path), "--key", EC_KEY]
     cmd += ["--in", str(source), "--out", str(out), "--report", str(report)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    all_serve = threading.Event()
+
+    def read_progress() -> None:  # the job may start before its third member serves: wait for it
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "SERVING (3/3 members)" in line:
+                all_serve.set()
+
+    reader = threading.Thread(target=read_progress, daemon=True)
+    reader.start()
     try:
-        wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= n // 4, 60, "a quarter signed")
+        assert all_serve.wait(60), "".join(lines)
         ha.fault("lose", member=A)
-        _, progress = proc.communicate(timeout=120)
+        assert proc.wait(120) == 0, "".join(lines)
+        reader.join(10)
     finally:
         proc.kill()
         proc.wait(10)
         ha.fault("restore", member=A)
-    assert proc.returncode == 0, progress
+    progress = "".join(lines)
     data = json.loads(report.read_text())
     assert data["signed"] == n and data["failed"] == 0 and data["recoveries"] == 0
     # plain progress lines on a pipe, one at each change of the state or the members serving
