@@ -38,6 +38,14 @@ def run(tmp_path: Path, scenario: Scenario) -> None:
     asyncio.run(main())
 
 
+async def echoing(listen: str, hello: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection through the proxy whose first bytes came back."""
+    reader, writer = await asyncio.open_unix_connection(listen)
+    writer.write(hello)
+    assert await reader.readexactly(len(hello)) == hello
+    return reader, writer
+
+
 async def nothing_within(reader: asyncio.StreamReader, seconds: float = 0.1) -> bool:
     try:
         await asyncio.wait_for(reader.read(10), seconds)
@@ -68,9 +76,7 @@ def test_latency_delays_each_way_and_keeps_order_even_when_lowered(tmp_path: Pat
 
 def test_hang_holds_old_and_new_connections_and_restore_delivers_all(tmp_path: Path) -> None:
     async def scenario(proxy: FaultProxy, listen: str) -> None:
-        reader, writer = await asyncio.open_unix_connection(listen)
-        writer.write(b"before")
-        assert await reader.readexactly(6) == b"before"
+        reader, writer = await echoing(listen, b"before")
         proxy.apply("hang")
         writer.write(b"held")
         late_reader, late_writer = await asyncio.open_unix_connection(listen)  # accepted, never answered
@@ -84,18 +90,14 @@ def test_hang_holds_old_and_new_connections_and_restore_delivers_all(tmp_path: P
 
 def test_lose_closes_every_connection_and_refuses_new_ones_until_restore(tmp_path: Path) -> None:
     async def scenario(proxy: FaultProxy, listen: str) -> None:
-        reader, writer = await asyncio.open_unix_connection(listen)
-        writer.write(b"x")
-        assert await reader.readexactly(1) == b"x"
+        reader, _ = await echoing(listen, b"x")
         proxy.apply("lose")
         assert await reader.read(10) == b""  # closed
         refused_reader, _ = await asyncio.open_unix_connection(listen)
         assert await refused_reader.read(10) == b""
         assert proxy.status()["refused"] == 1 and proxy.status()["connections"] == 0
         proxy.apply("restore")
-        reader, writer = await asyncio.open_unix_connection(listen)
-        writer.write(b"ok")
-        assert await reader.readexactly(2) == b"ok"
+        await echoing(listen, b"ok")
 
     run(tmp_path, scenario)
 
