@@ -69,10 +69,6 @@ class AdmissionQueue:
     def pop(self) -> Job:
         return self._jobs.popleft()
 
-    def peek(self) -> Job:
-        """The job :meth:`pop` would return, left in place."""
-        return self._jobs[0]
-
     def coalescable(self, limit: int, free: int) -> list[Job]:
         """Remove and return up to ``limit`` single idempotent operations from the head,
         while more wait than ``free`` workers can take at once."""

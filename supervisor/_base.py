@@ -283,7 +283,7 @@ class SupervisorBase(pykka.ThreadingActor):
         for h in reversed(held):  # retry() puts each at the front: keep their order
             self._lost_in_flight(h.job, h.outcome if isinstance(h.outcome, BaseException) else HostError("loss"))
 
-    def _release_held(self, member: Member, probe_started: float, probe_loaded_at: float = 0.0) -> None:
+    def _release_held(self, member: Member, probe_started: float, probe_loaded_at: float) -> None:
         """The verdict is "the member is fine": a held job's error was its own. Retried
         once (on another worker: its own is renewed), then the error is its answer.
 

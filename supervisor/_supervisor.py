@@ -256,11 +256,13 @@ class Supervisor(RecoveryDecisions):
             return []
         serving = sum(1 for s in self.slots.values() if s.status in (SlotState.IDLE, SlotState.BUSY))
         share = frame_share(len(self.queue) + 1 + len(self.inflight), serving, self.config.batch_size)
-        more = self.queue.coalescable(share - 1, len(self.idle))
-        for job in more:
+        more: list[Job] = []
+        for job in self.queue.coalescable(share - 1, len(self.idle)):
             if now >= job.deadline:
                 self._expire(job)
-        return [job for job in more if now < job.deadline]
+            else:
+                more.append(job)
+        return more
 
     def _on_job_done(self, msg: JobDone) -> None:
         entry = self.inflight.pop(msg.job.seq, None)
