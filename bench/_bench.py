@@ -129,6 +129,9 @@ def run_all(opts: argparse.Namespace, say: Any) -> dict[str, Any]:
                             "runs": [round(g, 1) for g in good],
                             "error": next((r["error"] for r in runs if "error" in r), None),
                         }
+                        splits = [r["cpu_us_per_op"] for r in runs if r.get("cpu_us_per_op")]
+                        if splits:  # each kind's median over the runs
+                            row["cpu_us_per_op"] = {k: statistics.median(s[k] for s in splits) for k in splits[0]}
                         rss = [r for r in runs if "rss_supervisor_mib" in r]
                         if rss:
                             row["rss_supervisor_mib"] = round(max(r["rss_supervisor_mib"] for r in rss), 1)
@@ -138,6 +141,7 @@ def run_all(opts: argparse.Namespace, say: Any) -> dict[str, Any]:
                             f"{setup_name:<4} {mech:<6} {contender['name']:<32} {row['ops_per_s']!s:>10} ops/s"
                             + (f"  ERROR {row['error']}" if row["error"] else "")
                         )
+            floors = _floors(setups["cpu"], bed, pin, opts)
             proxy = proxy_delay(bed, opts.latency_ms)
             bed.fault("latency", 0)
             latency = _latency(setups["cpu"], bed, pin, opts)
@@ -151,6 +155,7 @@ def run_all(opts: argparse.Namespace, say: Any) -> dict[str, Any]:
     return {
         "results": results,
         "proxy": proxy,
+        "floors": floors,
         "latency": latency,
         "recovery": recovery,
         "members": members,
@@ -161,6 +166,19 @@ def run_all(opts: argparse.Namespace, say: Any) -> dict[str, Any]:
             "latency_ms": opts.latency_ms,
             "cpus": os.cpu_count(),
         },
+    }
+
+
+def _floors(setup: dict[str, Any], bed: Any, pin: str, opts: argparse.Namespace) -> dict[str, Any]:
+    """The floors under the service goals on this machine (bench/_floors.py)."""
+    base = {**setup, "mech": "ecdsa", "token": bed.token_label, "pin": pin, "seconds": opts.seconds}
+    handoff = run_case({**base, "kind": "handoff", "threads": 16, "warmup": opts.warmup})
+    module = run_case({**base, "kind": "module", "warmup": opts.warmup})
+    return {
+        "handoff_us_16_threads": handoff.get("cpu_us_per_op"),
+        "handoff_per_s_16_threads": round(handoff.get("ops_per_s", 0.0)),
+        "module_sign_us": module.get("cpu_us_per_op"),
+        "errors": [e for e in (handoff.get("error"), module.get("error")) if e],
     }
 
 
@@ -176,13 +194,16 @@ def _latency(setup: dict[str, Any], bed: Any, pin: str, opts: argparse.Namespace
     }
     direct = run_case({**base, "kind": "pykcs11", "threads": 1})
     guard = run_case({**base, "kind": "p11guard", "mode": "threads", "threads": 1, "workers": 1})
+    bare = run_case({**base, "kind": "host_batch", "batch": 1, "bed": str(bed.dir)})  # one op a frame, no guard
 
     def pct(xs: list[float], q: float) -> float:
         xs = sorted(xs)
         return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e6 if xs else float("nan")
 
-    d, g = direct.get("latencies", []), guard.get("latencies", [])
+    d, g, h = direct.get("latencies", []), guard.get("latencies", []), bare.get("latencies", [])
     return {
+        "bare_host_p50_us": round(pct(h, 0.5), 1),
+        "bare_host_overhead_p50_us": round(pct(h, 0.5) - pct(d, 0.5), 1),
         "direct_p50_us": round(pct(d, 0.5), 1),
         "direct_p99_us": round(pct(d, 0.99), 1),
         "p11guard_p50_us": round(pct(g, 0.5), 1),

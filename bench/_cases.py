@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench._floors import CpuWindow, case_handoff, case_module
+
 __all__ = ["CASES", "KEYS", "run_case"]
 
 KEYS = {
@@ -135,6 +137,7 @@ def _case_p11guard(a: dict[str, Any]) -> dict[str, Any]:
     config = Config.from_file(a["config"]).replace(workers=a["workers"], batch_size=64)
     label, _, mechanism = KEYS[a["mech"]]
     with Guard(config) as g:
+        window = CpuWindow(a.get("bed"), list(g.host_pids().values()), a["warmup"], a["seconds"])
         if a["mode"] == "sign_many":
             # One sign_many call over a list sized to take about half the window, as a
             # batch pipeline would: calibrated from a first call of one batch per worker.
@@ -157,6 +160,7 @@ def _case_p11guard(a: dict[str, Any]) -> dict[str, Any]:
                 return 1
 
             out = _measure(a, a["threads"], lambda i: None, one)
+        out["cpu_us_per_op"] = window.per_op(out["ops_per_s"])
         out["rss_supervisor_mib"] = psutil.Process().memory_info().rss / 2**20
         out["rss_hosts_mib"] = [psutil.Process(p).memory_info().rss / 2**20 for p in g.host_pids().values()]
     return out
@@ -218,6 +222,8 @@ CASES = {
     "python-pkcs11": _case_python_pkcs11,
     "p11guard": _case_p11guard,
     "host_batch": _case_host_batch,
+    "handoff": case_handoff,
+    "module": case_module,
 }
 
 

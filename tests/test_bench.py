@@ -26,7 +26,14 @@ def test_bench_tiny_runs_every_contender(tmp_path: Path) -> None:
     errors = [(r["name"], r["error"]) for r in rows if r["error"]]
     assert errors == []
     assert all(r["ops_per_s"] and r["ops_per_s"] > 0 for r in rows), [r for r in rows if not r["ops_per_s"]]
-    assert {"overhead_p50_us", "direct_p50_us"} <= data["latency"].keys()
+    assert {"overhead_p50_us", "direct_p50_us", "bare_host_overhead_p50_us"} <= data["latency"].keys()
+    floors = data["floors"]  # what this machine allows: measured, not assumed
+    assert floors["errors"] == [] and floors["handoff_us_16_threads"] > 0 and floors["module_sign_us"] > 0, floors
+    # CPU per op by process kind (psutil counts in 10 ms ticks: a tiny window of a slow case may read 0)
+    split = {(r["setup"], r["name"]): r["cpu_us_per_op"] for r in rows if r["name"].startswith("p11guard")}
+    assert all(s.keys() == {"parent", "hosts", "hsm_side", "idle_pct"} for s in split.values()), split
+    assert split["cpu", "p11guard sign_many, 2w"]["hosts"] > 0, split
+    assert split["net", "p11guard sign_many, 2w"]["hsm_side"] > 0, split  # the testbed's proxy and server
     assert data["recovery"]["restore_to_first_op_s"] > 0
     members = data["members"]
     assert members["healthy_ops_per_s"] > 0 and members["one_lost_ops_per_s"] > 0
@@ -34,6 +41,8 @@ def test_bench_tiny_runs_every_contender(tmp_path: Path) -> None:
     assert members["member_restore_to_first_op_s"] > 0
     listed = goals(data)
     assert len(listed) >= 11 and all(text and figure and met in (True, False, None) for text, met, figure in listed)
+    service = [figure for text, _, figure in listed if text.startswith("Service, CPU-bound")]
+    assert service and all("budget at the goal" in figure for figure in service), service
     assert all(r["name"] in table(data) for r in rows)  # one line per contender
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "| goal | met | figure |" in (tmp_path / "BENCHMARKS-section.md").read_text()

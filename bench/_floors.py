@@ -1,0 +1,174 @@
+"""What this machine allows: where each operation's CPU goes, and the floors under it.
+
+The service goals are rates on this machine's cores, so each operation has a CPU budget
+(cores / the goal's rate). Measured in the same run as the goals:
+
+- :class:`CpuWindow`: CPU per operation of the guard's process, its hosts and the
+  testbed's HSM side (proxy, p11-kit server and its per-connection children) over a
+  case's measured window, and the machine's idle time.
+- ``handoff``: CPU per result handed to one of 16 blocking threads by a thread that
+  serves them in bursts -- plain Python, no crypto, no pipe: the least a blocking
+  caller's result costs in CPython here (a kernel wake-up and a GIL hand-off).
+- ``module``: CPU of the module's own ``C_SignInit`` + ``C_Sign`` per signature,
+  in-process through ctypes (the host's fast path): the least the hosts spend.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import threading
+import time
+from typing import Any
+
+__all__ = ["CpuWindow", "case_handoff", "case_module"]
+
+
+def _tree_cpu(pids: list[int]) -> float:
+    """CPU seconds of these processes; for each top of the tree also its reaped children
+    (p11-kit server forks a child per connection, which exits with it)."""
+    import psutil
+
+    total, alive = 0.0, set(pids)
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            t = proc.cpu_times()
+            total += t.user + t.system
+            if proc.ppid() not in alive:
+                total += t.children_user + t.children_system
+    return total
+
+
+class CpuWindow:
+    """CPU seconds by kind of process from ``start_s`` for ``seconds``, taken on a thread of
+    the case's own process (the guard's process, its hosts, the testbed's HSM side)."""
+
+    def __init__(self, bed_dir: str | None, host_pids: list[int], start_s: float, seconds: float) -> None:
+        self._bed_dir, self._hosts = bed_dir, host_pids
+        self._marks: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(start_s, seconds), daemon=True)
+        self._thread.start()
+
+    def _snapshot(self) -> tuple[float, dict[str, float]]:
+        import psutil
+
+        from p11guard.testbed import Testbed
+
+        bed = Testbed(self._bed_dir).pids() if self._bed_dir else []
+        me = psutil.Process().cpu_times()
+        return time.monotonic(), {
+            "parent": me.user + me.system,
+            "hosts": _tree_cpu(self._hosts),
+            "hsm_side": _tree_cpu(bed),
+            "idle": psutil.cpu_times().idle,
+        }
+
+    def _run(self, start_s: float, seconds: float) -> None:
+        # A window of time, not a condition: waiting out the warm-up is the measurement.
+        if self._stop.wait(start_s):
+            return
+        self._marks.append(self._snapshot())
+        if not self._stop.wait(seconds):
+            self._marks.append(self._snapshot())
+
+    def per_op(self, ops_per_s: float) -> dict[str, float]:
+        """Microseconds of CPU per operation by kind, and idle % of all cores."""
+        self._thread.join(timeout=10.0)  # the window ends as the case does (give or take a snapshot)
+        self._stop.set()
+        if len(self._marks) < 2 or ops_per_s <= 0:
+            return {}
+        (t0, a), (t1, b) = self._marks
+        ops = ops_per_s * (t1 - t0)
+        out = {k: round((b[k] - a[k]) / ops * 1e6, 1) for k in ("parent", "hosts", "hsm_side")}
+        out["idle_pct"] = round((b["idle"] - a["idle"]) / (t1 - t0) / (os.cpu_count() or 1) * 100, 1)
+        return out
+
+
+def case_handoff(a: dict[str, Any]) -> dict[str, Any]:
+    """``threads`` callers each hand a lock to a serving thread and block on it; the server
+    releases every waiting lock in one burst, as a worker settles a frame."""
+    threads, seconds = int(a.get("threads", 16)), float(a["seconds"])
+    waiting: collections.deque[Any] = collections.deque()
+    cond = threading.Condition(threading.Lock())
+    stop = threading.Event()
+    counts = [0] * threads
+
+    def server() -> None:
+        while not stop.is_set():
+            with cond:
+                while not waiting and not stop.is_set():
+                    cond.wait(0.1)
+                burst = list(waiting)
+                waiting.clear()
+            for lock in burst:
+                lock.release()
+
+    def caller(i: int) -> None:
+        while not stop.is_set():
+            lock = threading.Lock()
+            lock.acquire()
+            with cond:
+                waiting.append(lock)
+                cond.notify()
+            lock.acquire()
+            counts[i] += 1
+
+    workers = [threading.Thread(target=server)] + [threading.Thread(target=caller, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    stop.wait(float(a["warmup"]))
+    n0, c0, t0 = sum(counts), time.process_time(), time.perf_counter()
+    stop.wait(seconds)
+    n1, c1, t1 = sum(counts), time.process_time(), time.perf_counter()
+    stop.set()
+    with cond:
+        cond.notify_all()
+    for t in workers[1:]:  # callers still blocked get their lock: the server may be gone
+        while t.is_alive():
+            with cond:
+                burst = list(waiting)
+                waiting.clear()
+            for lock in burst:
+                lock.release()
+            t.join(0.05)
+    workers[0].join()
+    ops = n1 - n0
+    return {"ops_per_s": ops / (t1 - t0), "cpu_us_per_op": round((c1 - c0) / max(ops, 1) * 1e6, 1)}
+
+
+def case_module(a: dict[str, Any]) -> dict[str, Any]:
+    """The module's own signing cost, in-process: ``C_SignInit`` + ``C_Sign`` by ctypes on
+    PyKCS11's session, the signature sized from the key (ECDSA P-256: 64 bytes)."""
+    import hashlib
+
+    import PyKCS11
+
+    from p11guard.host._fastcall import FastSigner, handle_value
+
+    os.environ.update(a["env"])
+    lib = PyKCS11.PyKCS11Lib()
+    lib.load(a["module"])
+    slot = next(s for s in lib.getSlotList(tokenPresent=True) if lib.getTokenInfo(s).label.rstrip(" \0") == a["token"])
+    session = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
+    session.login(a["pin"])
+    template = [(PyKCS11.CKA_LABEL, "bench-ec"), (PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY)]
+    key = handle_value(session.findObjects(template)[0])
+    fast, handle = FastSigner(a["module"]), handle_value(session.session)
+    if not fast.shares_state(handle):
+        return {"error": "the module hands out a fresh instance per C_GetFunctionList: no in-process fast path"}
+    digest = hashlib.sha256(b"record").digest()
+    end, n = time.perf_counter() + float(a["warmup"]), 0
+    while time.perf_counter() < end:
+        fast.sign(handle, PyKCS11.CKM_ECDSA, key, digest, 64)
+    c0, t0 = time.process_time(), time.perf_counter()
+    end = t0 + float(a["seconds"])
+    while time.perf_counter() < end:
+        rv, _ = fast.sign(handle, PyKCS11.CKM_ECDSA, key, digest, 64)
+        if rv:
+            return {"error": f"C_Sign answered 0x{rv:x}"}
+        n += 1
+    c1, t1 = time.process_time(), time.perf_counter()
+    return {"ops_per_s": n / (t1 - t0), "cpu_us_per_op": round((c1 - c0) / max(n, 1) * 1e6, 1)}
