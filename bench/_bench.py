@@ -141,7 +141,7 @@ def run_all(opts: argparse.Namespace, say: Any) -> dict[str, Any]:
                             f"{setup_name:<4} {mech:<6} {contender['name']:<32} {row['ops_per_s']!s:>10} ops/s"
                             + (f"  ERROR {row['error']}" if row["error"] else "")
                         )
-            floors = _floors(setups["cpu"], bed, pin, opts)
+            floors = floor_figures(setups["cpu"], bed, pin, opts)
             proxy = proxy_delay(bed, opts.latency_ms)
             bed.fault("latency", 0)
             latency = _latency(setups["cpu"], bed, pin, opts)
@@ -169,7 +169,7 @@ def run_all(opts: argparse.Namespace, say: Any) -> dict[str, Any]:
     }
 
 
-def _floors(setup: dict[str, Any], bed: Any, pin: str, opts: argparse.Namespace) -> dict[str, Any]:
+def floor_figures(setup: dict[str, Any], bed: Any, pin: str, opts: argparse.Namespace) -> dict[str, Any]:
     """The floors under the service goals on this machine (bench/_floors.py)."""
     base = {**setup, "mech": "ecdsa", "token": bed.token_label, "pin": pin, "seconds": opts.seconds}
     handoff = run_case({**base, "kind": "handoff", "threads": 16, "warmup": opts.warmup})

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._floors import CpuWindow, case_handoff, case_module
+from bench._floors import CpuWindow, case_handoff
 
 __all__ = ["CASES", "KEYS", "run_case"]
 
@@ -78,7 +78,9 @@ def _payload(a: dict[str, Any], i: int, n: int) -> bytes:
     return hashlib.sha256(msg).digest() if a["mech"] == "ecdsa" else msg  # raw ECDSA: hash first
 
 
-def _case_pykcs11(a: dict[str, Any]) -> dict[str, Any]:
+def _pykcs11_login(a: dict[str, Any]) -> tuple[Any, Any, int, Any]:
+    """PyKCS11 on the case's module and token: the library, the slot, the session flags and
+    a logged-in session."""
     import PyKCS11
 
     os.environ.update(a["env"])
@@ -86,16 +88,28 @@ def _case_pykcs11(a: dict[str, Any]) -> dict[str, Any]:
     lib.load(a["module"])
     slot = next(s for s in lib.getSlotList(tokenPresent=True) if lib.getTokenInfo(s).label.rstrip(" \0") == a["token"])
     flags = PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION
-    first = lib.openSession(slot, flags)
-    first.login(a["pin"])
-    label = KEYS[a["mech"]][0]
+    session = lib.openSession(slot, flags)
+    session.login(a["pin"])
+    return lib, slot, flags, session
+
+
+def _private_key(session: Any, a: dict[str, Any]) -> Any:
+    import PyKCS11
+
+    template = [(PyKCS11.CKA_LABEL, KEYS[a["mech"]][0]), (PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY)]
+    return session.findObjects(template)[0]
+
+
+def _case_pykcs11(a: dict[str, Any]) -> dict[str, Any]:
+    import PyKCS11
+
+    lib, slot, flags, first = _pykcs11_login(a)
     ckm = PyKCS11.CKM_ECDSA if a["mech"] == "ecdsa" else PyKCS11.CKM_SHA256_RSA_PKCS
     mech = PyKCS11.Mechanism(ckm)
 
     def prepare(i: int) -> tuple[Any, Any]:
         session = first if i == 0 else lib.openSession(slot, flags)  # one session per thread
-        template = [(PyKCS11.CKA_LABEL, label), (PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY)]
-        return session, session.findObjects(template)[0]
+        return session, _private_key(session, a)
 
     def step(ctx: tuple[Any, Any], i: int, n: int) -> int:
         session, key = ctx
@@ -103,6 +117,30 @@ def _case_pykcs11(a: dict[str, Any]) -> dict[str, Any]:
         return 1
 
     return _measure(a, a["threads"], prepare, step)
+
+
+def _case_module(a: dict[str, Any]) -> dict[str, Any]:
+    """The module's own ECDSA signing, in-process: ``C_SignInit`` + ``C_Sign`` by ctypes on
+    PyKCS11's session (the host's fast path), one thread -- so CPU per op is time per op."""
+    import PyKCS11
+
+    from p11guard.host._fastcall import FastSigner, handle_value
+
+    *_, session = _pykcs11_login(a)
+    key, handle = handle_value(_private_key(session, a)), handle_value(session.session)
+    fast = FastSigner(a["module"])
+    if not fast.shares_state(handle):
+        return {"error": "the module hands out a fresh instance per C_GetFunctionList: no in-process fast path"}
+
+    def step(ctx: None, i: int, n: int) -> int:
+        rv, _ = fast.sign(handle, PyKCS11.CKM_ECDSA, key, _payload(a, i, n), 64)
+        if rv:
+            raise OSError(f"C_Sign answered 0x{rv:x}")
+        return 1
+
+    out = _measure(a, 1, lambda i: None, step)
+    out["cpu_us_per_op"] = round(1e6 / out["ops_per_s"], 1) if out["ops_per_s"] else None
+    return out
 
 
 def _case_python_pkcs11(a: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +261,7 @@ CASES = {
     "p11guard": _case_p11guard,
     "host_batch": _case_host_batch,
     "handoff": case_handoff,
-    "module": case_module,
+    "module": _case_module,
 }
 
 

@@ -9,8 +9,9 @@ The service goals are rates on this machine's cores, so each operation has a CPU
 - ``handoff``: CPU per result handed to one of 16 blocking threads by a thread that
   serves them in bursts -- plain Python, no crypto, no pipe: the least a blocking
   caller's result costs in CPython here (a kernel wake-up and a GIL hand-off).
-- ``module``: CPU of the module's own ``C_SignInit`` + ``C_Sign`` per signature,
-  in-process through ctypes (the host's fast path): the least the hosts spend.
+- ``module`` (a case in :mod:`bench._cases`, beside direct PyKCS11): CPU of the module's
+  own ``C_SignInit`` + ``C_Sign`` per signature, in-process through ctypes (the host's
+  fast path): the least the hosts spend.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["CpuWindow", "case_handoff", "case_module"]
+__all__ = ["CpuWindow", "case_handoff"]
 
 
 def _tree_cpu(pids: list[int]) -> float:
@@ -116,7 +117,10 @@ def case_handoff(a: dict[str, Any]) -> dict[str, Any]:
             lock.acquire()
             counts[i] += 1
 
-    workers = [threading.Thread(target=server)] + [threading.Thread(target=caller, args=(i,)) for i in range(threads)]
+    # Daemon threads: the case's process exits once it has printed its figures, and a
+    # caller blocked on its lock when the window closes goes with it.
+    workers = [threading.Thread(target=server, daemon=True)]
+    workers += [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(threads)]
     for t in workers:
         t.start()
     stop.wait(float(a["warmup"]))
@@ -124,51 +128,5 @@ def case_handoff(a: dict[str, Any]) -> dict[str, Any]:
     stop.wait(seconds)
     n1, c1, t1 = sum(counts), time.process_time(), time.perf_counter()
     stop.set()
-    with cond:
-        cond.notify_all()
-    for t in workers[1:]:  # callers still blocked get their lock: the server may be gone
-        while t.is_alive():
-            with cond:
-                burst = list(waiting)
-                waiting.clear()
-            for lock in burst:
-                lock.release()
-            t.join(0.05)
-    workers[0].join()
     ops = n1 - n0
     return {"ops_per_s": ops / (t1 - t0), "cpu_us_per_op": round((c1 - c0) / max(ops, 1) * 1e6, 1)}
-
-
-def case_module(a: dict[str, Any]) -> dict[str, Any]:
-    """The module's own signing cost, in-process: ``C_SignInit`` + ``C_Sign`` by ctypes on
-    PyKCS11's session, the signature sized from the key (ECDSA P-256: 64 bytes)."""
-    import hashlib
-
-    import PyKCS11
-
-    from p11guard.host._fastcall import FastSigner, handle_value
-
-    os.environ.update(a["env"])
-    lib = PyKCS11.PyKCS11Lib()
-    lib.load(a["module"])
-    slot = next(s for s in lib.getSlotList(tokenPresent=True) if lib.getTokenInfo(s).label.rstrip(" \0") == a["token"])
-    session = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
-    session.login(a["pin"])
-    template = [(PyKCS11.CKA_LABEL, "bench-ec"), (PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY)]
-    key = handle_value(session.findObjects(template)[0])
-    fast, handle = FastSigner(a["module"]), handle_value(session.session)
-    if not fast.shares_state(handle):
-        return {"error": "the module hands out a fresh instance per C_GetFunctionList: no in-process fast path"}
-    digest = hashlib.sha256(b"record").digest()
-    end, n = time.perf_counter() + float(a["warmup"]), 0
-    while time.perf_counter() < end:
-        fast.sign(handle, PyKCS11.CKM_ECDSA, key, digest, 64)
-    c0, t0 = time.process_time(), time.perf_counter()
-    end = t0 + float(a["seconds"])
-    while time.perf_counter() < end:
-        rv, _ = fast.sign(handle, PyKCS11.CKM_ECDSA, key, digest, 64)
-        if rv:
-            return {"error": f"C_Sign answered 0x{rv:x}"}
-        n += 1
-    c1, t1 = time.process_time(), time.perf_counter()
-    return {"ops_per_s": n / (t1 - t0), "cpu_us_per_op": round((c1 - c0) / max(n, 1) * 1e6, 1)}

@@ -80,7 +80,7 @@ def short(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _ownable(outcome: Any, vouched: bool = True) -> bool:
+def _ownable(outcome: Any, vouched: bool) -> bool:
     """Can this error be the request's own, whatever the group does? A module error of kind
     ``internal`` or ``session`` can (a module bug on one input, a handle that one key leaves
     invalid); a loss code or a failed host never is -- such a job is retried until its
@@ -334,7 +334,7 @@ class SupervisorBase(pykka.ThreadingActor):
             return
         if any(s.status == SlotState.STARTING for s in self.slots.values()):
             return
-        if any(s.status in (SlotState.IDLE, SlotState.BUSY) for s in self.slots.values()):
+        if any(s.serving for s in self.slots.values()):
             self.started.set_result(None)
 
     def _maybe_closed(self) -> None:

@@ -130,6 +130,11 @@ class WorkerSlot:
     #: When its host loaded the module (:attr:`HostProcess.loaded_at`).
     host_loaded_at: float = 0.0
 
+    @property
+    def serving(self) -> bool:
+        """It takes jobs: idle, or busy with some."""
+        return self.status in (SlotState.IDLE, SlotState.BUSY)
+
 
 @dataclass
 class Outage:

@@ -254,7 +254,7 @@ class Supervisor(RecoveryDecisions):
         share of the work (:func:`frame_share`)."""
         if first.items is not None or not first.idempotent or len(self.queue) <= len(self.idle):
             return []
-        serving = sum(1 for s in self.slots.values() if s.status in (SlotState.IDLE, SlotState.BUSY))
+        serving = sum(1 for s in self.slots.values() if s.serving)
         share = frame_share(len(self.queue) + 1 + len(self.inflight), serving, self.config.batch_size)
         more: list[Job] = []
         for job in self.queue.coalescable(share - 1, len(self.idle)):
