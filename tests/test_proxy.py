@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from p11guard.testbed._proxy import FaultProxy
+from p11guard.testbed._proxy import FaultProxy, event_loop
 
 Scenario = Callable[[FaultProxy, str], Awaitable[None]]
 
@@ -35,7 +37,8 @@ def run(tmp_path: Path, scenario: Scenario) -> None:
             serving.cancel()
             server.close()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=event_loop) as runner:  # the proxy's own loop
+        runner.run(main())
 
 
 async def echoing(listen: str, hello: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -118,3 +121,39 @@ def test_a_large_transfer_arrives_whole_and_a_closed_end_closes_the_link(tmp_pat
         assert proxy.status()["connections"] == 0
 
     run(tmp_path, scenario)
+
+
+def test_a_connection_beyond_what_select_watches_is_refused_and_the_proxy_serves_on(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip(f"descriptors are capped at {hard}: select()'s limit of 1024 cannot be reached")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    filler: list[int] = []
+
+    async def scenario(proxy: FaultProxy, listen: str) -> None:
+        while not filler or filler[-1] < 1030:  # the next sockets get descriptors beyond 1024
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+        # A blocking client on a thread: the test's own loop cannot watch a descriptor there either.
+        assert await asyncio.to_thread(_first_bytes, listen) == b""  # refused: closed at once
+        assert proxy.status()["refused"] == 1
+        for fd in filler:
+            os.close(fd)
+        filler.clear()
+        await echoing(listen, b"again")  # the loop goes on
+
+    try:
+        run(tmp_path, scenario)
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "beyond what select() watches" in capfd.readouterr().err
+
+
+def _first_bytes(path: str) -> bytes:
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(5)
+        client.connect(path)
+        return client.recv(10)
