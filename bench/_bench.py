@@ -142,7 +142,7 @@ def run_all(opts: argparse.Namespace, say: Any) -> dict[str, Any]:
                             + (f"  ERROR {row['error']}" if row["error"] else "")
                         )
             floors = floor_figures(setups["cpu"], bed, pin, opts)
-            proxy = proxy_delay(bed, opts.latency_ms)
+            proxy = proxy_delay(bed, opts.latency_ms, 4 if opts.tiny else 16)
             bed.fault("latency", 0)
             latency = _latency(setups["cpu"], bed, pin, opts)
             recovery = recovery_figures(bed, opts.tiny)

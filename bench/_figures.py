@@ -161,17 +161,23 @@ def member_figures(directory: Path, latency_ms: float, seconds: float, tiny: boo
     }
 
 
-def proxy_delay(bed: Any, ms: float) -> dict[str, float]:
-    """The one-way delay the fault proxy really adds, measured on `random` round trips."""
+def proxy_delay(bed: Any, ms: float, connections: int) -> dict[str, Any]:
+    """The one-way delay the fault proxy really adds, measured on `random` round trips: on one
+    connection, and on ``connections`` at once (on a network, other clients' traffic does not
+    lengthen yours; a proxy whose timers drift with its load would)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from p11guard import Config
     from p11guard.host import HostProcess
 
     config = Config.from_file(bed.config_path)
-    host = HostProcess.spawn(config.module_path, env=config.module_env)
+    hosts: list[Any] = []
     try:
-        host.open(bed.token_label, bed.pin, 30)
+        for _ in range(connections):
+            hosts.append(HostProcess.spawn(config.module_path, env=config.module_env))
+            hosts[-1].open(bed.token_label, bed.pin, 30)
 
-        def rtt() -> float:
+        def rtt(host: Any) -> float:
             samples = []
             for _ in range(50):
                 t = time.perf_counter()
@@ -180,17 +186,23 @@ def proxy_delay(bed: Any, ms: float) -> dict[str, float]:
             return statistics.median(samples)
 
         bed.fault("latency", 0)
-        base = rtt()
+        base = rtt(hosts[0])
         bed.fault("latency", ms)
-        slow = rtt()
+        slow = rtt(hosts[0])
+        with ThreadPoolExecutor(connections) as pool:
+            loaded = statistics.median(pool.map(rtt, hosts))
     finally:
-        host.kill()
+        for host in hosts:
+            host.kill()
     # one `random` call is one RPC round trip: two proxy hops
     return {
         "set_ms": ms,
         "rtt0_ms": round(base * 1e3, 3),
         "rtt_ms": round(slow * 1e3, 3),
         "added_one_way_ms": round((slow - base) * 1e3 / 2, 3),
+        "connections": connections,
+        "rtt_loaded_ms": round(loaded * 1e3, 3),
+        "added_one_way_loaded_ms": round((loaded - base) * 1e3 / 2, 3),
     }
 
 

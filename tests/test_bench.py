@@ -34,6 +34,8 @@ def test_bench_tiny_runs_every_contender(tmp_path: Path) -> None:
     assert all(s.keys() == {"parent", "hosts", "hsm_side", "idle_pct"} for s in split.values()), split
     assert split["cpu", "p11guard sign_many, 2w"]["hosts"] > 0, split
     assert split["net", "p11guard sign_many, 2w"]["hsm_side"] > 0, split  # the testbed's proxy and server
+    proxy = data["proxy"]  # the delay on one connection, and on several at once
+    assert proxy["connections"] == 4 and proxy["rtt_loaded_ms"] > proxy["rtt0_ms"] > 0, proxy
     assert data["recovery"]["restore_to_first_op_s"] > 0
     members = data["members"]
     assert members["healthy_ops_per_s"] > 0 and members["one_lost_ops_per_s"] > 0
