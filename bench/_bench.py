@@ -142,7 +142,7 @@ def run_all(opts: argparse.Namespace, say: Any) -> dict[str, Any]:
                             + (f"  ERROR {row['error']}" if row["error"] else "")
                         )
             floors = floor_figures(setups["cpu"], bed, pin, opts)
-            proxy = proxy_delay(bed, opts.latency_ms, 4 if opts.tiny else 16)
+            proxy = proxy_delay(bed, opts.latency_ms)
             bed.fault("latency", 0)
             latency = _latency(setups["cpu"], bed, pin, opts)
             recovery = recovery_figures(bed, opts.tiny)
@@ -174,11 +174,13 @@ def floor_figures(setup: dict[str, Any], bed: Any, pin: str, opts: argparse.Name
     base = {**setup, "mech": "ecdsa", "token": bed.token_label, "pin": pin, "seconds": opts.seconds}
     handoff = run_case({**base, "kind": "handoff", "threads": 16, "warmup": opts.warmup})
     module = run_case({**base, "kind": "module", "warmup": opts.warmup})
+    network = run_case({"kind": "network", "latency_ms": opts.latency_ms, "connections": 16, "seconds": opts.seconds})
     return {
         "handoff_us_16_threads": handoff.get("cpu_us_per_op"),
         "handoff_per_s_16_threads": round(handoff.get("ops_per_s", 0.0)),
         "module_sign_us": module.get("cpu_us_per_op"),
-        "errors": [e for e in (handoff.get("error"), module.get("error")) if e],
+        **{f"network_{k}": v for k, v in network.items() if k != "error"},
+        "errors": [e for e in (handoff.get("error"), module.get("error"), network.get("error")) if e],
     }
 
 

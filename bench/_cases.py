@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._floors import CpuWindow, case_handoff
+from bench._floors import CpuWindow, case_handoff, case_network
 
 __all__ = ["CASES", "KEYS", "run_case"]
 
@@ -261,6 +261,7 @@ CASES = {
     "p11guard": _case_p11guard,
     "host_batch": _case_host_batch,
     "handoff": case_handoff,
+    "network": case_network,
     "module": _case_module,
 }
 

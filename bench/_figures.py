@@ -161,23 +161,17 @@ def member_figures(directory: Path, latency_ms: float, seconds: float, tiny: boo
     }
 
 
-def proxy_delay(bed: Any, ms: float, connections: int) -> dict[str, Any]:
-    """The one-way delay the fault proxy really adds, measured on `random` round trips: on one
-    connection, and on ``connections`` at once (on a network, other clients' traffic does not
-    lengthen yours; a proxy whose timers drift with its load would)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def proxy_delay(bed: Any, ms: float) -> dict[str, float]:
+    """The one-way delay the fault proxy really adds, measured on `random` round trips."""
     from p11guard import Config
     from p11guard.host import HostProcess
 
     config = Config.from_file(bed.config_path)
-    hosts: list[Any] = []
+    host = HostProcess.spawn(config.module_path, env=config.module_env)
     try:
-        for _ in range(connections):
-            hosts.append(HostProcess.spawn(config.module_path, env=config.module_env))
-            hosts[-1].open(bed.token_label, bed.pin, 30)
+        host.open(bed.token_label, bed.pin, 30)
 
-        def rtt(host: Any) -> float:
+        def rtt() -> float:
             samples = []
             for _ in range(50):
                 t = time.perf_counter()
@@ -186,23 +180,17 @@ def proxy_delay(bed: Any, ms: float, connections: int) -> dict[str, Any]:
             return statistics.median(samples)
 
         bed.fault("latency", 0)
-        base = rtt(hosts[0])
+        base = rtt()
         bed.fault("latency", ms)
-        slow = rtt(hosts[0])
-        with ThreadPoolExecutor(connections) as pool:
-            loaded = statistics.median(pool.map(rtt, hosts))
+        slow = rtt()
     finally:
-        for host in hosts:
-            host.kill()
+        host.kill()
     # one `random` call is one RPC round trip: two proxy hops
     return {
         "set_ms": ms,
         "rtt0_ms": round(base * 1e3, 3),
         "rtt_ms": round(slow * 1e3, 3),
         "added_one_way_ms": round((slow - base) * 1e3 / 2, 3),
-        "connections": connections,
-        "rtt_loaded_ms": round(loaded * 1e3, 3),
-        "added_one_way_loaded_ms": round((loaded - base) * 1e3 / 2, 3),
     }
 
 

@@ -12,6 +12,9 @@ The service goals are rates on this machine's cores, so each operation has a CPU
 - ``module`` (a case in :mod:`bench._cases`, beside direct PyKCS11): CPU of the module's
   own ``C_SignInit`` + ``C_Sign`` per signature, in-process through ctypes (the host's
   fast path): the least the hosts spend.
+- ``network``: the testbed's network alone -- round trips of 100 bytes through the fault
+  proxy (``latency`` ms one way) to an echo server, on one connection and on several at
+  once: what the latency-bound cases' network costs a connection, with no HSM behind it.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from typing import Any
 
-__all__ = ["CpuWindow", "case_handoff"]
+__all__ = ["CpuWindow", "case_handoff", "case_network"]
 
 
 def _tree_cpu(pids: list[int]) -> float:
@@ -130,3 +138,83 @@ def case_handoff(a: dict[str, Any]) -> dict[str, Any]:
     stop.set()
     ops = n1 - n0
     return {"ops_per_s": ops / (t1 - t0), "cpu_us_per_op": round((c1 - c0) / max(ops, 1) * 1e6, 1)}
+
+
+#: An echo server with a process per connection, as p11-kit server has.
+_ECHO = """
+import os, socket, sys
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(sys.argv[1])
+srv.listen(64)
+while True:
+    conn, _ = srv.accept()
+    if os.fork() == 0:
+        srv.close()
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        os._exit(0)
+    conn.close()
+"""
+
+
+def case_network(a: dict[str, Any]) -> dict[str, Any]:
+    """Median round trip through the fault proxy with ``latency_ms``, on 1 connection and on
+    ``connections`` at once (a blocking client thread each)."""
+    import psutil
+
+    from p11guard.testbed._procs import stop_tree, wait_for
+    from p11guard.testbed._proxy_control import proxy_control
+
+    seconds, n = float(a["seconds"]), int(a["connections"])
+    with tempfile.TemporaryDirectory(prefix="p11guard-net-") as tmp:
+        echo, listen, control = (os.path.join(tmp, name) for name in ("echo.sock", "proxy.sock", "control.sock"))
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _ECHO, echo], start_new_session=True),
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "p11guard.testbed._proxy",
+                    "--listen",
+                    listen,
+                    "--upstream",
+                    echo,
+                    "--control",
+                    control,
+                ],
+                start_new_session=True,
+            ),
+        ]
+        created = [psutil.Process(p.pid).create_time() for p in procs]
+        try:
+            wait_for(lambda: os.path.exists(echo) and os.path.exists(control), 10, "the echo server and the proxy")
+            proxy_control(control, {"cmd": "latency", "ms": a["latency_ms"]})
+            return {f"rtt_ms_{k}_connections": _round_trips(listen, k, seconds) for k in (1, n)}
+        finally:
+            for proc, born in zip(procs, created, strict=True):
+                stop_tree(proc.pid, born)
+                proc.wait(5)
+
+
+def _round_trips(listen: str, connections: int, seconds: float) -> float:
+    """Median ms of 100-byte round trips from ``connections`` clients at once for ``seconds``."""
+    samples: list[list[float]] = [[] for _ in range(connections)]
+    end = time.perf_counter() + seconds
+
+    def client(mine: list[float]) -> None:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(listen)
+            while (start := time.perf_counter()) < end:
+                sock.sendall(b"x" * 100)
+                got = 0
+                while got < 100:
+                    got += len(sock.recv(65536))
+                mine.append(time.perf_counter() - start)
+
+    threads = [threading.Thread(target=client, args=(mine,)) for mine in samples]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return round(statistics.median(x for mine in samples for x in mine) * 1e3, 3)

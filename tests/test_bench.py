@@ -29,13 +29,12 @@ def test_bench_tiny_runs_every_contender(tmp_path: Path) -> None:
     assert {"overhead_p50_us", "direct_p50_us", "bare_host_overhead_p50_us"} <= data["latency"].keys()
     floors = data["floors"]  # what this machine allows: measured, not assumed
     assert floors["errors"] == [] and floors["handoff_us_16_threads"] > 0 and floors["module_sign_us"] > 0, floors
+    assert floors["network_rtt_ms_1_connections"] > 0 and floors["network_rtt_ms_16_connections"] > 0, floors
     # CPU per op by process kind (psutil counts in 10 ms ticks: a tiny window of a slow case may read 0)
     split = {(r["setup"], r["name"]): r["cpu_us_per_op"] for r in rows if r["name"].startswith("p11guard")}
     assert all(s.keys() == {"parent", "hosts", "hsm_side", "idle_pct"} for s in split.values()), split
     assert split["cpu", "p11guard sign_many, 2w"]["hosts"] > 0, split
     assert split["net", "p11guard sign_many, 2w"]["hsm_side"] > 0, split  # the testbed's proxy and server
-    proxy = data["proxy"]  # the delay on one connection, and on several at once
-    assert proxy["connections"] == 4 and proxy["rtt_loaded_ms"] > proxy["rtt0_ms"] > 0, proxy
     assert data["recovery"]["restore_to_first_op_s"] > 0
     members = data["members"]
     assert members["healthy_ops_per_s"] > 0 and members["one_lost_ops_per_s"] > 0
