@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 __all__ = ["CpuWindow", "case_handoff", "case_network"]
@@ -140,12 +141,16 @@ def case_handoff(a: dict[str, Any]) -> dict[str, Any]:
     return {"ops_per_s": ops / (t1 - t0), "cpu_us_per_op": round((c1 - c0) / max(ops, 1) * 1e6, 1)}
 
 
-#: An echo server with a process per connection, as p11-kit server has.
+#: An echo server with a process per connection, as p11-kit server has; it listens under a
+#: temporary name and renames its socket into place, so that the path is there once it
+#: accepts.
 _ECHO = """
-import os, socket, sys
+import os, signal, socket, sys
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps each connection's child
 srv = socket.socket(socket.AF_UNIX)
-srv.bind(sys.argv[1])
+srv.bind(sys.argv[1] + ".new")
 srv.listen(64)
+os.rename(sys.argv[1] + ".new", sys.argv[1])
 while True:
     conn, _ = srv.accept()
     if os.fork() == 0:
@@ -159,62 +164,75 @@ while True:
 
 def case_network(a: dict[str, Any]) -> dict[str, Any]:
     """Median round trip through the fault proxy with ``latency_ms``, on 1 connection and on
-    ``connections`` at once (a blocking client thread each)."""
-    import psutil
-
+    ``connections`` at once (a blocking client thread each: their GIL hand-offs are in the
+    figure, ~0.05 ms at 16)."""
+    from p11guard.testbed._network import start_proxy
     from p11guard.testbed._procs import stop_tree, wait_for
     from p11guard.testbed._proxy_control import proxy_control
 
     seconds, n = float(a["seconds"]), int(a["connections"])
-    with tempfile.TemporaryDirectory(prefix="p11guard-net-") as tmp:
-        echo, listen, control = (os.path.join(tmp, name) for name in ("echo.sock", "proxy.sock", "control.sock"))
-        procs = [
-            subprocess.Popen([sys.executable, "-c", _ECHO, echo], start_new_session=True),
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "p11guard.testbed._proxy",
-                    "--listen",
-                    listen,
-                    "--upstream",
-                    echo,
-                    "--control",
-                    control,
-                ],
+    with tempfile.TemporaryDirectory(prefix="p11guard-net-") as tmp, contextlib.ExitStack() as stack:
+        member: dict[str, Any] = {
+            name: os.path.join(tmp, f"{name}.sock") for name in ("proxy_socket", "server_socket", "control_socket")
+        }
+        with open(os.path.join(tmp, "echo.log"), "wb") as log:
+            echo = subprocess.Popen(
+                [sys.executable, "-c", _ECHO, member["server_socket"]],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
                 start_new_session=True,
-            ),
-        ]
-        created = [psutil.Process(p.pid).create_time() for p in procs]
-        try:
-            wait_for(lambda: os.path.exists(echo) and os.path.exists(control), 10, "the echo server and the proxy")
-            proxy_control(control, {"cmd": "latency", "ms": a["latency_ms"]})
-            return {f"rtt_ms_{k}_connections": _round_trips(listen, k, seconds) for k in (1, n)}
-        finally:
-            for proc, born in zip(procs, created, strict=True):
-                stop_tree(proc.pid, born)
-                proc.wait(5)
+            )
+        stack.callback(_stop, echo)
+        member["name"] = "hsm"
+        start_proxy(Path(tmp), member, lambda: None)
+        stack.callback(stop_tree, member["proxy_pid"], member["proxy_created"])
+
+        def ready() -> bool:
+            if echo.poll() is not None:
+                raise RuntimeError(f"the echo server exited: {Path(tmp, 'echo.log').read_text()[-500:]}")
+            return os.path.exists(member["server_socket"]) and os.path.exists(member["control_socket"])
+
+        wait_for(ready, 10, "the echo server and the fault proxy")
+        proxy_control(member["control_socket"], {"cmd": "latency", "ms": a["latency_ms"]})
+        return {f"rtt_ms_{k}_connections": _round_trips(member["proxy_socket"], k, seconds) for k in (1, n)}
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    from p11guard.testbed._procs import stop_tree
+
+    stop_tree(proc.pid, None)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
 
 
 def _round_trips(listen: str, connections: int, seconds: float) -> float:
     """Median ms of 100-byte round trips from ``connections`` clients at once for ``seconds``."""
     samples: list[list[float]] = [[] for _ in range(connections)]
+    errors: list[BaseException] = []
     end = time.perf_counter() + seconds
 
     def client(mine: list[float]) -> None:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(10)
-            sock.connect(listen)
-            while (start := time.perf_counter()) < end:
-                sock.sendall(b"x" * 100)
-                got = 0
-                while got < 100:
-                    got += len(sock.recv(65536))
-                mine.append(time.perf_counter() - start)
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(10)
+                sock.connect(listen)
+                while (start := time.perf_counter()) < end:
+                    sock.sendall(b"x" * 100)
+                    got = 0
+                    while got < 100:
+                        if not (chunk := sock.recv(65536)):
+                            raise ConnectionError("the fault proxy closed the connection")
+                        got += len(chunk)
+                    mine.append(time.perf_counter() - start)
+        except BaseException as exc:  # re-raised below, in the case's own thread
+            errors.append(exc)
 
     threads = [threading.Thread(target=client, args=(mine,)) for mine in samples]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     return round(statistics.median(x for mine in samples for x in mine) * 1e3, 3)

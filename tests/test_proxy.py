@@ -4,16 +4,24 @@ chaos runner and the pytest plugin rely on (latency with order kept, hang, lose,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import resource
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from p11guard.testbed._procs import TestbedError, wait_for
 from p11guard.testbed._proxy import FaultProxy, event_loop
+from p11guard.testbed._proxy_control import proxy_control
 
 Scenario = Callable[[FaultProxy, str], Awaitable[None]]
 
@@ -123,37 +131,100 @@ def test_a_large_transfer_arrives_whole_and_a_closed_end_closes_the_link(tmp_pat
     run(tmp_path, scenario)
 
 
-def test_a_connection_beyond_what_select_watches_is_refused_and_the_proxy_serves_on(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
+def test_a_storm_of_connections_runs_the_proxy_out_of_descriptors_not_out_of_its_loop(tmp_path: Path) -> None:
+    """The proxy's loop waits with select(), which cannot watch a descriptor beyond 1023: the
+    proxy caps its open files there, so a storm meets EMFILE and the proxy lives on."""
+    need = 4000  # the storm's client ends and the upstream's held ends, in this process
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < 1100:
-        pytest.skip(f"descriptors are capped at {hard}: select()'s limit of 1024 cannot be reached")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
-    filler: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), max(hard, need)))
+    except (ValueError, OSError):
+        pytest.skip(f"cannot open {need} descriptors here (hard limit {hard})")
+    up, listen, control = (str(tmp_path / n) for n in ("up.sock", "proxy.sock", "control.sock"))
+    held: list[socket.socket] = []
+    upstream = socket.socket(socket.AF_UNIX)
+    upstream.bind(up)
+    upstream.listen(4096)
+    holding = threading.Thread(target=_hold, args=(upstream, held), daemon=True)
+    holding.start()
+    log = (tmp_path / "proxy.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p11guard.testbed._proxy", "--listen", listen, "--upstream", up, "--control", control],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    clients: list[socket.socket] = []
+    try:
+        wait_for(lambda: os.path.exists(control), 10, "the proxy's control socket")
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        assert re.search(r"Max open files\s+1024\s", limits), limits
+        while len(clients) < 700 and (client := _connected(listen)) is not None:
+            clients.append(client)
+        assert proc.poll() is None, (tmp_path / "proxy.log").read_text()
+        # More links than 1024 descriptors hold (two a link), and never a descriptor beyond.
+        assert len(clients) > 512 and len(held) < 1024, (len(clients), len(held))
+        upstream.shutdown(socket.SHUT_RDWR)  # wakes the holder; a link made from now on finds no upstream
+        holding.join(5)
+        storm = len(clients)
+        for sock in [*clients, *held]:  # a link ends when both of its ends have
+            sock.close()
+        clients.clear()
+        # Every client of the storm is accepted in the end (the last ones from the backlog).
+        _status_when(control, lambda s: s["connections"] == 0 and s["accepted"] == storm)
+        with socket.socket(socket.AF_UNIX) as late:  # and it accepts again
+            late.connect(listen)
+            _status_when(control, lambda s: s["accepted"] == storm + 1)
+    finally:
+        for client in clients:
+            client.close()
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+        upstream.close()
+        for sock in held:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
-    async def scenario(proxy: FaultProxy, listen: str) -> None:
-        while not filler or filler[-1] < 1030:  # the next sockets get descriptors beyond 1024
-            filler.append(os.open(os.devnull, os.O_RDONLY))
-        # A blocking client on a thread: the test's own loop cannot watch a descriptor there either.
-        assert await asyncio.to_thread(_first_bytes, listen) == b""  # refused: closed at once
-        assert proxy.status()["refused"] == 1
-        for fd in filler:
-            os.close(fd)
-        filler.clear()
-        await echoing(listen, b"again")  # the loop goes on
+
+def _connected(path: str) -> socket.socket | None:
+    """A client the proxy accepted (or queued), or None once it has taken none for 3 s."""
+    client: list[socket.socket] = []
+
+    def attempt() -> bool:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.setblocking(False)  # a full backlog answers EAGAIN instead of blocking for good
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            return False
+        client.append(sock)
+        return True
 
     try:
-        run(tmp_path, scenario)
-    finally:
-        for fd in filler:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert "beyond what select() watches" in capfd.readouterr().err
+        wait_for(attempt, 3, "the proxy to accept")
+    except TestbedError:
+        return None
+    return client[0]
 
 
-def _first_bytes(path: str) -> bytes:
-    with socket.socket(socket.AF_UNIX) as client:
-        client.settimeout(5)
-        client.connect(path)
-        return client.recv(10)
+def _hold(server: socket.socket, held: list[socket.socket]) -> None:
+    """Accept and keep every upstream connection, so that the proxy's ends stay open."""
+    with contextlib.suppress(OSError):  # the test closes the listening socket
+        while True:
+            held.append(server.accept()[0])
+
+
+def _status_when(control: str, cond: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    status: dict[str, Any] = {}
+
+    def check() -> bool:
+        status.update(proxy_control(control, {"cmd": "status"}))
+        return cond(status)
+
+    try:
+        wait_for(check, 15, "the proxy's status to change")
+    except TestbedError as exc:
+        raise AssertionError(f"{exc}; last status: {status}") from None
+    return status
