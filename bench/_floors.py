@@ -183,7 +183,8 @@ def case_network(a: dict[str, Any]) -> dict[str, Any]:
                 stderr=log,
                 start_new_session=True,
             )
-        stack.callback(_stop, echo)
+        stack.callback(echo.wait, 5)  # runs last: stop_tree below has stopped it (and its children)
+        stack.callback(stop_tree, echo.pid, None)
         member["name"] = "hsm"
         start_proxy(Path(tmp), member, lambda: None)
         stack.callback(stop_tree, member["proxy_pid"], member["proxy_created"])
@@ -196,14 +197,6 @@ def case_network(a: dict[str, Any]) -> dict[str, Any]:
         wait_for(ready, 10, "the echo server and the fault proxy")
         proxy_control(member["control_socket"], {"cmd": "latency", "ms": a["latency_ms"]})
         return {f"rtt_ms_{k}_connections": _round_trips(member["proxy_socket"], k, seconds) for k in (1, n)}
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    from p11guard.testbed._procs import stop_tree
-
-    stop_tree(proc.pid, None)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
 
 
 def _round_trips(listen: str, connections: int, seconds: float) -> float:
